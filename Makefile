@@ -1,0 +1,42 @@
+# aiosync developer commands. Every target creates .venv when it is missing.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PY     := $(BIN)/python
+BUILD_INPUTS := pyproject.toml $(wildcard setup.py) $(wildcard aiosync/*.c)
+
+.PHONY: demo test lint check bench docs clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+# The package alone (what a user installs).
+$(VENV)/.installed: $(PY) $(BUILD_INPUTS)
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+# The package with its test extras (pytest, uvloop, hypothesis, mypy, ruff).
+$(VENV)/.installed-test: $(PY) $(BUILD_INPUTS)
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@ $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(PY) examples/barrier_subprocess.py
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check aiosync tests examples benchmarks
+	$(BIN)/ruff format --check aiosync tests examples benchmarks
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/pytest
+
+bench: $(VENV)/.installed-test
+	$(PY) -m benchmarks
+
+docs: $(VENV)/.installed-test
+	$(PY) docs/check.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info aiosync/*.so .mypy_cache .ruff_cache .pytest_cache .hypothesis

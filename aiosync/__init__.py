@@ -1,0 +1,38 @@
+"""aiosync: asyncio-native inter-process synchronization primitives for Linux.
+
+Every wait is a file descriptor registered with the running event loop, on the
+standard loop and on uvloop alike. See the documentation in ``docs/``.
+"""
+
+import sys
+
+if not sys.platform.startswith("linux"):  # pragma: no cover - tested only on Linux
+    raise ImportError(
+        f"aiosync works on Linux only (eventfd, memfd, /proc); this is {sys.platform!r}"
+    )
+
+from ._barrier import Barrier, Role
+from ._errors import (
+    AiosyncError,
+    BrokenResourceError,
+    BusyResourceError,
+    ClosedResourceError,
+    SharingError,
+    WouldBlock,
+)
+from ._share import create_subprocess_exec, inherited
+
+__all__ = [
+    "AiosyncError",
+    "Barrier",
+    "BrokenResourceError",
+    "BusyResourceError",
+    "ClosedResourceError",
+    "Role",
+    "SharingError",
+    "WouldBlock",
+    "create_subprocess_exec",
+    "inherited",
+]
+
+__version__ = "0.1.0.dev0"

@@ -1,0 +1,499 @@
+"""The two-party inter-process Barrier, after systemd's ``src/shared/barrier.c``.
+
+Theory of operation
+-------------------
+State of one side: two eventfds (``me``, which I write, and ``them``, which I read),
+one end of a pipe, and a signed counter ``barriers`` = barriers I placed minus
+barriers of theirs I have read. Positive: I am ahead; negative: they are ahead.
+
+* ``place()`` adds 1 to ``me`` and to the counter. ``abort()`` adds INT64_MAX to
+  ``me``. The eventfds are not in semaphore mode, so one read of ``them`` drains all
+  the peer placed so far; a value >= INT64_MAX (pending barriers add to it) means the
+  peer aborted, which wipes out the barriers it placed before.
+* The pipe tells us the peer is gone: nothing is ever written to it, and when the peer
+  exits (or execs without passing the fds on) its end closes. A hang-up counts as the
+  peer aborting *only when ``them`` holds nothing*, so barriers placed before exit are
+  consumed first ("it is safe to place a barrier and exit").
+* Abort states are two flags, ``i_aborted`` and ``they_aborted`` (systemd encodes them
+  as special counter values). Once either is set the counter no longer moves.
+* Waits follow systemd's ``barrier_read(threshold)``: wait while ``barriers >
+  threshold`` and the peer has not aborted. Here the read loop is run by the fd
+  callback on behalf of every waiter at once (the `WaitQueue` of `_fd`): it reads only
+  while someone waits, applies what it read to the state under the lock, then releases
+  every waiter whose condition now holds, with the result computed at that moment.
+  ``wait_abortion()`` is a waiter whose condition is "they aborted".
+
+Departures from systemd: ``place()`` returns False when the eventfd write fails (the
+barrier is then both-aborted); my own ``abort()`` releases my pending ``sync()``-style
+waits with False (systemd cannot wait and abort at once); ``barrier_we_aborted()`` is
+called ``both_aborted``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+import warnings
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, Final, Self
+
+from . import _fd, _share
+from ._errors import ClosedResourceError
+
+__all__ = ["Barrier", "Role"]
+
+ABORTION: Final = 0x7FFF_FFFF_FFFF_FFFF  # INT64_MAX; what abort() writes
+
+
+class Role(enum.Enum):
+    """Which side of a `Barrier` this process is. Set once per side with `set_role`."""
+
+    PARENT = "parent"
+    CHILD = "child"
+
+
+@_share.shareable
+class Barrier:
+    """A two-party barrier between a parent process and its child.
+
+    Use it when two processes must wait on each other: "don't exec until the parent
+    wrote the cgroup", "don't connect until the child has bound its socket". Create it
+    before the child starts, set each side's role, then each side `place()`\\ s numbered
+    sync points and awaits the other's. Either side can `abort()` (for instance when its
+    setup failed), and the other side learns of it at its next wait; a peer that exits
+    or is killed counts as aborting.
+
+    Every wait is an fd registered with the running loop: nothing blocks the loop and no
+    thread is parked. Timeouts are the caller's (``async with asyncio.timeout(...)``).
+    Cancelling a wait loses nothing: what was read before the cancellation is in the
+    counter, and a later wait sees the same counter. Waits from several tasks (say a
+    ``sync()`` and a ``wait_abortion()``) may be pending at once.
+
+    For a process that runs no loop (a child about to exec, say) every wait has a
+    blocking twin with a ``timeout=`` (``sync_blocking()`` and so on).
+    """
+
+    def __init__(self) -> None:
+        self._closed = True  # until every fd exists, for __del__
+        self._waitq: _fd.WaitQueue[bool] = _fd.WaitQueue(self)
+        self._role: Role | None = None
+        self._barriers = 0
+        self._i_aborted = False
+        self._they_aborted = False
+        self._me = self._them = self._pipe_r = self._pipe_w = -1
+        self._me = _fd.eventfd()
+        try:
+            self._them = _fd.eventfd()
+            self._pipe_r, self._pipe_w = _fd.pipe()
+        except BaseException:
+            self._release_fds()
+            raise
+        self._closed = False
+
+    @classmethod
+    def _adopt(cls, me: int, them: int, pipe_r: int, pipe_w: int) -> Self:
+        """A Barrier over fds received from another process (already checked)."""
+        self = cls.__new__(cls)
+        self._closed = False
+        self._waitq = _fd.WaitQueue(self)
+        self._role = None
+        self._barriers = 0
+        self._i_aborted = self._they_aborted = False
+        self._me, self._them, self._pipe_r, self._pipe_w = me, them, pipe_r, pipe_w
+        return self
+
+    # -- roles ------------------------------------------------------------------------
+
+    def set_role(self, role: Role) -> None:
+        """Say which side this is; call it exactly once per side, after the fork or spawn.
+
+        PARENT keeps the pipe's read end; CHILD keeps its write end and swaps the
+        eventfds. ``aiosync.create_subprocess_exec(share=...)`` and
+        ``aiosync.inherited()`` set the roles for you.
+        """
+        self._check_open()
+        if not isinstance(role, Role):
+            raise TypeError(f"role must be aiosync.Role.PARENT or Role.CHILD, not {role!r}")
+        if self._role is not None:
+            raise RuntimeError(f"the barrier's role is already set ({self._role.name})")
+        if role is Role.PARENT:
+            _fd.close(self._pipe_w)
+            self._pipe_w = -1
+            self._waitq.watch(self._them, self._pipe_r)
+        else:
+            _fd.close(self._pipe_r)
+            self._pipe_r = -1
+            self._me, self._them = self._them, self._me
+            self._waitq.watch(self._them, self._pipe_w)
+        self._role = role
+
+    @property
+    def role(self) -> Role | None:
+        """This side's role, or None before `set_role`."""
+        return self._role
+
+    # -- abort state ------------------------------------------------------------------
+
+    @property
+    def is_aborted(self) -> bool:
+        """Either side aborted (as far as this side knows)."""
+        return self._i_aborted or self._they_aborted
+
+    @property
+    def i_aborted(self) -> bool:
+        """This side aborted (or a write to the peer failed)."""
+        return self._i_aborted
+
+    @property
+    def they_aborted(self) -> bool:
+        """The peer aborted or exited, as seen by a wait of this side."""
+        return self._they_aborted
+
+    @property
+    def both_aborted(self) -> bool:
+        """Both sides aborted (systemd's ``barrier_we_aborted()``)."""
+        return self._i_aborted and self._they_aborted
+
+    # -- placing and aborting (never block) -------------------------------------------
+
+    def place(self) -> bool:
+        """Place a barrier for the peer to wait for; never blocks.
+
+        Returns False without placing anything if either side aborted, and False if
+        the write failed (the barrier is then aborted on both sides).
+        """
+        self._check_ready()
+        with self._waitq.lock:
+            if self._i_aborted or self._they_aborted:
+                return False
+            if not _fd.write_eventfd(self._me, 1):
+                self._broken()
+                return False
+            self._barriers += 1
+            return True
+
+    def abort(self) -> bool:
+        """Abort: the peer's waits return False from now on, and so do this side's.
+
+        The abort supersedes every barrier this side placed and the peer has not read
+        yet. Pending ``sync()``-style waits of this side return False; its
+        ``wait_abortion()`` keeps waiting for the peer. Calling it again does nothing.
+        Returns False if the peer is known to have aborted too.
+        """
+        self._check_ready()
+        with self._waitq.lock:
+            if not self._i_aborted:
+                if _fd.write_eventfd(self._me, ABORTION):
+                    self._i_aborted = True
+                    self._wake()
+                else:
+                    self._broken()
+            return not self._they_aborted
+
+    def _broken(self) -> None:
+        # The peer can no longer be told anything: systemd makes this fatal.
+        self._i_aborted = self._they_aborted = True
+        self._wake()
+
+    # -- waiting ----------------------------------------------------------------------
+
+    async def wait_next(self) -> bool:
+        """Wait until the peer placed a barrier this side has not seen yet.
+
+        Consumes every barrier the peer placed so far (all in one read). Returns False
+        at once if either side aborted, and False if the peer aborts or exits meanwhile.
+        Cancellation: nothing is lost; what was read stays counted.
+        """
+        self._check_ready()
+        if self._i_aborted or self._they_aborted:
+            return False
+        return await self._read(self._barriers - 1)
+
+    async def sync_next(self) -> bool:
+        """Wait until the peer caught up with all but this side's last barrier.
+
+        Returns True at once, without any I/O, if no wait is needed (so it does not
+        notice a peer that already exited). False if either side aborted.
+        """
+        self._check_ready()
+        if self._i_aborted or self._they_aborted:
+            return False
+        return await self._read(max(0, self._barriers - 1))
+
+    async def sync(self) -> bool:
+        """Wait until the peer placed as many barriers as this side (full sync).
+
+        Returns True at once, without any I/O, if the peer is not behind (so it does
+        not notice a peer that already exited). False if either side aborted, or if the
+        peer aborts or exits before catching up.
+        """
+        self._check_ready()
+        if self._i_aborted or self._they_aborted:
+            return False
+        return await self._read(0)
+
+    async def place_and_sync(self) -> bool:
+        """`place()`, then `sync()`: the usual "I am ready, are you?" step."""
+        self.place()
+        return await self.sync()
+
+    async def wait_abortion(self) -> bool:
+        """Wait until the peer aborts or exits.
+
+        Works after this side aborted too (this side's own abort never releases it).
+        Returns True if only the peer aborted, False if this side aborted as well.
+        """
+        self._check_ready()
+        queue = self._waitq
+        with queue.lock:
+            if self._they_aborted:
+                return not self._i_aborted
+            waiter = queue.park(None)
+        return await queue.wait(waiter)
+
+    async def _read(self, threshold: int) -> bool:
+        queue = self._waitq
+        with queue.lock:
+            if self._i_aborted or self._they_aborted:
+                return False
+            if self._barriers <= threshold:
+                return True
+            waiter = queue.park(threshold)
+        return await queue.wait(waiter)
+
+    # -- blocking twins ---------------------------------------------------------------
+
+    def wait_next_blocking(self, timeout: float | None = None) -> bool:
+        """`wait_next()` for code without a running loop; `TimeoutError` after `timeout`."""
+        self._check_ready()
+        if self._i_aborted or self._they_aborted:
+            return False
+        return self._read_blocking(self._barriers - 1, timeout)
+
+    def sync_next_blocking(self, timeout: float | None = None) -> bool:
+        """`sync_next()` for code without a running loop; `TimeoutError` after `timeout`."""
+        self._check_ready()
+        if self._i_aborted or self._they_aborted:
+            return False
+        return self._read_blocking(max(0, self._barriers - 1), timeout)
+
+    def sync_blocking(self, timeout: float | None = None) -> bool:
+        """`sync()` for code without a running loop; `TimeoutError` after `timeout`."""
+        self._check_ready()
+        if self._i_aborted or self._they_aborted:
+            return False
+        return self._read_blocking(0, timeout)
+
+    def place_and_sync_blocking(self, timeout: float | None = None) -> bool:
+        """`place_and_sync()` for code without a running loop."""
+        self.place()
+        return self.sync_blocking(timeout)
+
+    def wait_abortion_blocking(self, timeout: float | None = None) -> bool:
+        """`wait_abortion()` for code without a running loop; `TimeoutError` after `timeout`."""
+        self._check_ready()
+        self._block_until(lambda: self._they_aborted, timeout)
+        return not self._i_aborted
+
+    def _read_blocking(self, threshold: int, timeout: float | None) -> bool:
+        self._block_until(
+            lambda: self._i_aborted or self._they_aborted or self._barriers <= threshold,
+            timeout,
+        )
+        return not (self._i_aborted or self._they_aborted)
+
+    def _block_until(self, done: Callable[[], bool], timeout: float | None) -> None:
+        _no_running_loop()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._waitq.lock:
+                self._pump(lambda: not done())
+                if done():
+                    return
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError("the barrier wait timed out")
+            _fd.wait_readable((self._them, self._pipe_end), remaining)
+
+    # -- the read loop (runs with the lock held) --------------------------------------
+
+    @property
+    def _pipe_end(self) -> int:
+        return self._pipe_r if self._role is Role.PARENT else self._pipe_w
+
+    def _on_readable(self, slot: _fd.LoopSlot[bool], fd: int) -> None:
+        queue = self._waitq
+        with queue.lock:
+            if self._me < 0:
+                return
+            self._pump(None)
+            if fd != self._them and not self._they_aborted:
+                # The pipe fired but did not end the wait. uvloop reports a pipe write
+                # end's error only once per registration, so register afresh (now, or
+                # with this loop's next waiter) rather than keep a spent registration.
+                queue._unregister(slot)
+                if slot.live:
+                    queue._register(slot)
+
+    def _pump(self, blocked: Callable[[], bool] | None) -> None:
+        """systemd's read loop, run once for everyone waiting now.
+
+        `blocked` tells whether a blocking twin in this thread still waits.
+        """
+        queue = self._waitq
+        while not self._they_aborted and (queue.waiting or (blocked is not None and blocked())):
+            value = _fd.read_eventfd(self._them)
+            if not value:
+                if not _fd.hung_up(self._pipe_end):
+                    return
+                # The peer is gone. What it placed before exiting comes first; read once
+                # more, as a last write may have raced the poll.
+                value = _fd.read_eventfd(self._them) or ABORTION
+            self._apply(value)
+            self._wake()
+
+    def _apply(self, value: int) -> None:
+        if value >= ABORTION:
+            self._they_aborted = True
+        elif not (self._i_aborted or self._they_aborted):
+            self._barriers -= value
+
+    def _wake(self) -> None:
+        """Release every waiter whose condition holds, with its result as of now."""
+        queue = self._waitq
+        if not queue.waiting:
+            return
+        aborted = self._i_aborted or self._they_aborted
+        for slot in queue.slots():
+            for waiter in queue.pending(slot):
+                threshold = waiter.arg
+                if threshold is None:
+                    if self._they_aborted:
+                        queue.release(waiter, not self._i_aborted)
+                elif aborted or self._barriers <= threshold:
+                    queue.release(waiter, not aborted)
+
+    def _give_back(self, result: bool) -> None:
+        pass  # a result is a snapshot of the state, which nothing consumed
+
+    # -- sharing ----------------------------------------------------------------------
+
+    def _share(self, for_exec: bool) -> tuple[dict[str, Any], dict[str, int]]:
+        self._check_open()
+        if self._role is not None:
+            raise RuntimeError(
+                "a Barrier can be shared only before its role is set "
+                f"(this one is already the {self._role.name} side)"
+            )
+        fds = {"me": self._me, "them": self._them, "pipe_w": self._pipe_w}
+        if for_exec:
+            return {"role": Role.CHILD.name}, fds
+        return {"role": None}, {**fds, "pipe_r": self._pipe_r}
+
+    def _after_share(self) -> None:
+        self.set_role(Role.PARENT)
+
+    @classmethod
+    def _unshare(cls, state: dict[str, Any], fds: dict[str, int], name: str) -> Self:
+        role = state.get("role")
+        if role not in (None, Role.CHILD.name):
+            raise _share.invalid(name, f"unknown role {role!r}")
+        _share.expect_keys(name, fds, {"me", "them", "pipe_w"}, optional={"pipe_r"})
+        me = _fd.check(fds["me"], "eventfd", name=name)
+        them = _fd.check(fds["them"], "eventfd", name=name)
+        pipe_w = _fd.check(fds["pipe_w"], "pipe-write", name=name)
+        pipe_r = -1
+        if "pipe_r" in fds:
+            pipe_r = _fd.check(fds["pipe_r"], "pipe-read", name=name)
+        for fd in (me, them, pipe_w, pipe_r):
+            if fd >= 0:
+                _fd.own(fd)
+        self = cls._adopt(me, them, pipe_r, pipe_w)
+        if role is not None:
+            self.set_role(Role.CHILD)
+        return self
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _share.reduce(self)
+
+    # -- life cycle -------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the barrier's fds. Idempotent.
+
+        Pending waits of this process raise `ClosedResourceError`; the peer sees this
+        side exit (its waits return False) once no process holds this side's fds.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._waitq.close(self._take_fds(), _closed_error)
+
+    def _take_fds(self) -> list[int]:
+        fds = [self._them, self._pipe_r, self._pipe_w, self._me]
+        self._me = self._them = self._pipe_r = self._pipe_w = -1
+        return [fd for fd in fds if fd >= 0]
+
+    def _release_fds(self) -> None:
+        for fd in self._take_fds():
+            _fd.close(fd)
+
+    def __enter__(self) -> Self:
+        self._check_open()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_closed", True):
+            return
+        warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self, stacklevel=1)
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedResourceError("this Barrier was closed")
+
+    def _check_ready(self) -> None:
+        if self._role is None:
+            self._check_open()
+            raise RuntimeError("call set_role(Role.PARENT) or set_role(Role.CHILD) first")
+        if self._closed:
+            raise ClosedResourceError("this Barrier was closed")
+
+    def __repr__(self) -> str:
+        role = self._role.name if self._role is not None else "unset"
+        if self._closed:
+            return f"<aiosync.Barrier role={role} closed>"
+        if self.both_aborted:
+            aborted = "both"
+        elif self._i_aborted:
+            aborted = "i"
+        elif self._they_aborted:
+            aborted = "they"
+        else:
+            aborted = "no"
+        return f"<aiosync.Barrier role={role} barriers={self._barriers} aborted={aborted}>"
+
+
+def _closed_error() -> ClosedResourceError:
+    return ClosedResourceError("the Barrier was closed while waiting")
+
+
+def _no_running_loop() -> None:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    raise RuntimeError(
+        "a blocking barrier wait would block the running event loop; await the async "
+        "method instead"
+    )
