@@ -494,6 +494,5 @@ def _no_running_loop() -> None:
     except RuntimeError:
         return
     raise RuntimeError(
-        "a blocking barrier wait would block the running event loop; await the async "
-        "method instead"
+        "a blocking barrier wait would block the running event loop; await the async method instead"
     )

@@ -341,9 +341,13 @@ class WaitQueue(Generic[T]):
         # Released, and the result reached the future: the task was cancelled after it
         # (Task.cancel() still raises then), so give the result back. If it had not
         # reached the future yet, _deliver gives it back.
-        if state == RELEASED and future.done() and not future.cancelled():
-            if future.exception() is None:
-                self._owner_give_back(future.result())
+        if (
+            state == RELEASED
+            and future.done()
+            and not future.cancelled()
+            and future.exception() is None
+        ):
+            self._owner_give_back(future.result())
 
     def _compact(self, slot: LoopSlot[T]) -> None:
         # Abandoned waiters are normally skipped and dropped when things are handed out;

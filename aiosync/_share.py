@@ -111,7 +111,7 @@ async def create_subprocess_exec(
         cls = _types.get(type(obj).__name__)
         if cls is None or type(obj) is not cls:
             raise TypeError(f"share[{name!r}] is not an aiosync object: {obj!r}")
-        state, fds = obj._share(True)  # type: ignore[attr-defined]
+        state, fds = obj._share(True)
         objects[name] = {"type": cls.__name__, "state": state, "fds": fds}
         passed.extend(fds.values())
     env = dict(os.environ if kwds.get("env") is None else kwds["env"])

@@ -1,0 +1,94 @@
+"""Shared pieces of the benchmarks: loops, CPU pinning, repetitions, tables.
+
+Every benchmark reports ratios against baselines measured in the same run (SPEC §6):
+alternate the contenders over several repetitions and compare medians.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import uvloop
+
+T = TypeVar("T")
+
+LOOP_KINDS = ("asyncio", "uvloop")
+
+
+def new_loop(kind: str) -> asyncio.AbstractEventLoop:
+    return uvloop.new_event_loop() if kind == "uvloop" else asyncio.new_event_loop()
+
+
+def run_on(kind: str, coro: Coroutine[Any, Any, T]) -> T:
+    with asyncio.Runner(loop_factory=lambda: new_loop(kind)) as runner:
+        return runner.run(coro)
+
+
+def pin(pinned: bool) -> None:
+    """Pin this process (and the children it forks later) to CPU 0, or to all CPUs."""
+    cpus = {0} if pinned else set(range(os.cpu_count() or 1))
+    os.sched_setaffinity(0, cpus)
+
+
+def cpu_label(pinned: bool) -> str:
+    return "pinned" if pinned else "unpinned"
+
+
+@dataclass
+class Samples:
+    """Per-repetition measurements (microseconds per operation) of one contender."""
+
+    name: str
+    values: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values)
+
+
+def alternate(
+    contenders: Sequence[tuple[str, Callable[[], float]]], repetitions: int
+) -> list[Samples]:
+    """Run each contender once per repetition, alternating, so drift hits all alike.
+
+    Each callable returns microseconds per operation for one repetition.
+    """
+    samples = [Samples(name) for name, _ in contenders]
+    for _ in range(repetitions):
+        for (_, fn), s in zip(contenders, samples, strict=True):
+            s.values.append(fn())
+    return samples
+
+
+def table(title: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain-text table, columns sized to fit."""
+    cells = [[str(h) for h in header]] + [[_fmt(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = [title, ""]
+    for n, row in enumerate(cells):
+        lines.append(
+            "  ".join(
+                c.rjust(w) if i else c.ljust(w)
+                for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _fmt(cell: object) -> str:
+    if isinstance(cell, float):
+        return f"{cell:.2f}"
+    return str(cell)
+
+
+def verdict(ratio: float, target: float, *, at_most: bool = True) -> str:
+    ok = ratio <= target if at_most else ratio >= target
+    sign = "<=" if at_most else ">="
+    return f"{'met' if ok else 'MISSED'} ({sign} {target:g})"
