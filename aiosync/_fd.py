@@ -425,7 +425,7 @@ class WaitQueue(Generic[T]):
         # Forget loops that were closed since (e.g. an earlier asyncio.run()); closing a
         # loop drops its registrations with it.
         for old in [old for old in self._slots if old.is_closed()]:
-            del self._slots[old]
+            self.waiting -= self._slots.pop(old).live
         slot: LoopSlot[T] = LoopSlot(loop)
         self._slots[loop] = slot
         return slot
