@@ -20,6 +20,7 @@ from ._errors import (
     SharingError,
     WouldBlock,
 )
+from ._seqcount import SeqCount, SeqRecord
 from ._share import create_subprocess_exec, inherited
 
 __all__ = [
@@ -29,6 +30,8 @@ __all__ = [
     "BusyResourceError",
     "ClosedResourceError",
     "Role",
+    "SeqCount",
+    "SeqRecord",
     "SharingError",
     "WouldBlock",
     "create_subprocess_exec",

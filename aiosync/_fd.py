@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import mmap
 import os
 import select
 import stat
@@ -73,6 +74,20 @@ def memfd(name: str, size: int) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def map_shared(fd: int, size: int) -> mmap.mmap:
+    """Map the first `size` bytes of `fd` shared, readable and writable.
+
+    CPython's mmap keeps a close-on-exec duplicate of `fd` of its own, which the
+    mapping's ``close()`` closes; `fd` itself stays the caller's.
+    """
+    return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+
+
+def file_size(fd: int) -> int:
+    """The size in bytes of the file `fd` refers to (e.g. a memfd)."""
+    return os.fstat(fd).st_size
 
 
 def close(fd: int) -> None:

@@ -16,6 +16,8 @@ def test_public_names() -> None:
             "BusyResourceError",
             "ClosedResourceError",
             "Role",
+            "SeqCount",
+            "SeqRecord",
             "SharingError",
             "WouldBlock",
             "create_subprocess_exec",

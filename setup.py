@@ -1,0 +1,13 @@
+"""Build the C extension; every other piece of metadata is in pyproject.toml."""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "aiosync._seqc",
+            sources=["aiosync/_seqc.c"],
+            extra_compile_args=["-Wall", "-Wextra"],
+        )
+    ]
+)
