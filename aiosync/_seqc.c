@@ -484,6 +484,18 @@ static PyMethodDef Ready_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+static PyObject *
+Ready_name(PyObject *Py_UNUSED(self), void *closure)
+{
+    return PyUnicode_FromString((const char *)closure);
+}
+
+static PyGetSetDef Ready_getset[] = {
+    {"__name__", (getter)Ready_name, NULL, NULL, "read"},
+    {"__qualname__", (getter)Ready_name, NULL, NULL, "SeqRecord.read"},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
 static PyAsyncMethods Ready_async = {
     .am_await = Ready_await,
     .am_send = Ready_am_send,
@@ -501,6 +513,7 @@ static PyTypeObject ReadyType = {
     .tp_iter = PyObject_SelfIter,
     .tp_iternext = Ready_next,
     .tp_methods = Ready_methods,
+    .tp_getset = Ready_getset,
 };
 
 static PyObject *

@@ -254,6 +254,15 @@ async def test_backoff_sleeps_grow_to_the_cap(
 # ---------------------------------------------------------------------------------------
 
 
+@pytest.fixture
+def other() -> Iterator[int]:
+    """The pid of another live process (a child of ours that sleeps)."""
+    proc = subprocess.Popen(["sleep", "60"])
+    yield proc.pid
+    proc.kill()
+    proc.wait()
+
+
 def start_time(pid: int) -> int:
     with open(f"/proc/{pid}/stat", "rb") as f:
         data = f.read()
@@ -268,22 +277,20 @@ async def test_odd_counter_without_a_writer_is_broken(shm: mmap.mmap) -> None:
             await soon(s.read())
 
 
-async def test_recycled_pid_is_not_the_writer(shm: mmap.mmap) -> None:
-    # The holder names our parent's pid with another start time: the writer that
+async def test_recycled_pid_is_not_the_writer(shm: mmap.mmap, other: int) -> None:
+    # The holder names a live process's pid with another start time: the writer that
     # recorded it is gone, and the pid now belongs to someone else.
-    parent = os.getppid()
     set_word(shm, 0, 9)
-    set_word(shm, 8, parent << 32 | ((start_time(parent) + 1) & 0xFFFF_FFFF))
+    set_word(shm, 8, other << 32 | ((start_time(other) + 1) & 0xFFFF_FFFF))
     with SeqCount(shm) as s:
         s.backoff = FAST
-        with pytest.raises(BrokenResourceError, match=f"pid {parent}"):
+        with pytest.raises(BrokenResourceError, match=f"pid {other}"):
             await soon(s.read())
 
 
-async def test_live_writer_is_waited_for(shm: mmap.mmap) -> None:
-    parent = os.getppid()
+async def test_live_writer_is_waited_for(shm: mmap.mmap, other: int) -> None:
     set_word(shm, 0, 9)
-    set_word(shm, 8, parent << 32 | (start_time(parent) & 0xFFFF_FFFF))
+    set_word(shm, 8, other << 32 | (start_time(other) & 0xFFFF_FFFF))
     with SeqCount(shm) as s:
         s.backoff = FAST
         reader = await assert_blocks(s.read())  # well past check_writer_after
@@ -291,29 +298,26 @@ async def test_live_writer_is_waited_for(shm: mmap.mmap) -> None:
         assert await soon(reader) == 10
 
 
-async def test_a_new_writer_takes_over_from_a_dead_one(shm: mmap.mmap) -> None:
-    parent = os.getppid()
+async def test_a_new_writer_takes_over_from_a_dead_one(shm: mmap.mmap, other: int) -> None:
     set_word(shm, 0, 9)
-    set_word(shm, 8, parent << 32 | ((start_time(parent) + 1) & 0xFFFF_FFFF))
+    set_word(shm, 8, other << 32 | ((start_time(other) + 1) & 0xFFFF_FFFF))
     with SeqCount(shm) as s:
         with s.write():
             assert s.read_any() == 9  # stays odd: the dead write is finished by us
         assert await s.read() == 10
 
 
-async def test_a_live_writer_elsewhere_makes_us_busy(shm: mmap.mmap) -> None:
-    parent = os.getppid()
+async def test_a_live_writer_elsewhere_makes_us_busy(shm: mmap.mmap, other: int) -> None:
     set_word(shm, 0, 9)
-    set_word(shm, 8, parent << 32 | (start_time(parent) & 0xFFFF_FFFF))
+    set_word(shm, 8, other << 32 | (start_time(other) & 0xFFFF_FFFF))
     with SeqCount(shm) as s:
-        with pytest.raises(BusyResourceError, match=f"process {parent} is inside a write"):
+        with pytest.raises(BusyResourceError, match=f"process {other} is inside a write"):
             s.write_begin()
         assert s.read_any() == 9
 
 
-def test_latch_takeover_repairs_the_second_copy() -> None:
-    parent = os.getppid()
-    dead = parent << 32 | ((start_time(parent) + 1) & 0xFFFF_FFFF)
+def test_latch_takeover_repairs_the_second_copy(other: int) -> None:
+    dead = other << 32 | ((start_time(other) + 1) & 0xFFFF_FFFF)
     with SeqRecord("qq", latch=True) as r:
         r.write(1, 2)
         # Forge a writer that died after publishing (3, 4) in copy 0 and making the
@@ -484,7 +488,9 @@ async def test_read_is_a_coroutine(record: SeqRecord) -> None:
     record.write(1, 2, 3.0)
     ready = record.read()
     assert asyncio.iscoroutine(ready)
-    assert await asyncio.create_task(ready) == (1, 2, 3.0)
+    task = asyncio.create_task(ready)
+    assert "SeqRecord.read()" in repr(task)
+    assert await task == (1, 2, 3.0)
     assert list(await asyncio.gather(record.read(), record.read())) == [(1, 2, 3.0)] * 2
     assert await asyncio.wait_for(record.read(), 1) == (1, 2, 3.0)
     with record.seqcount.write():
