@@ -279,9 +279,11 @@ def _dispatch(owner_ref: weakref.ref[Owner], slot: LoopSlot[Any], fd: int) -> No
         return
     queue: WaitQueue[Any] = owner._waitq  # type: ignore[attr-defined]
     with queue.lock:
-        if not slot.live:
+        if not slot.live or queue.first(slot) is None:
             # Nobody of this loop waits: drop the registration now (lazily) rather than
-            # read an fd nobody asked about or be called again and again for it.
+            # read an fd nobody asked about or be called again and again for it. A waiter
+            # whose task was cancelled but has not resumed yet (uvloop runs fd callbacks
+            # before it) does not count: `first` settles it.
             queue._unregister(slot)
             return
     owner._on_readable(slot, fd)
