@@ -116,9 +116,16 @@ async def test_inherited_twice_returns_the_same_objects_and_clears_the_env() -> 
         await finish(proc)
 
 
-async def test_passed_fds_are_not_inheritable_afterwards() -> None:
+@pytest.mark.parametrize("spoiled", [False, True])
+async def test_passed_fds_are_not_inheritable_afterwards(spoiled: bool) -> None:
+    """`spoiled`: the fds are made inheritable and blocking before the spawn, as some
+    uvloop versions' ``pass_fds`` leave them; aiosync must put them right either way."""
     with Barrier() as b:
         me, them, pipe_r, pipe_w = b._me, b._them, b._pipe_r, b._pipe_w
+        if spoiled:
+            for fd in (me, them, pipe_w):
+                os.set_inheritable(fd, True)
+                os.set_blocking(fd, True)
         proc = await start(b, "sync", loop_kind())
         # The child's pipe end was closed here (it is the child's alone now).
         assert (b._me, b._them, b._pipe_r, b._pipe_w) == (me, them, pipe_r, -1)
@@ -127,6 +134,7 @@ async def test_passed_fds_are_not_inheritable_afterwards() -> None:
         assert not os.get_inheritable(them)
         assert not os.get_inheritable(pipe_r)
         assert not os.get_blocking(me)
+        assert not os.get_blocking(them)
         for _ in range(3):
             assert await soon(b.place_and_sync()) is True
         await line(proc)
