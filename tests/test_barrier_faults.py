@@ -14,8 +14,11 @@ import gc
 import os
 import signal
 import sys
+import threading
+import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import pytest
 from conftest import SOON, Handshake, loop_kind, run_on, soon
@@ -169,61 +172,78 @@ def test_several_parent_waits_resolve_when_child_is_killed(kind: str) -> None:
         b.close()
 
 
+@pytest.mark.parametrize("wait", ["sync_blocking", "wait_next_blocking", "wait_abortion_blocking"])
+def test_blocking_wait_resolves_when_child_is_killed(wait: str) -> None:
+    """The blocking twins, in a thread with no loop; another thread kills the child.
+
+    A blocking wait leaves no trace to hand-shake on, so the kill may land just before
+    the wait starts or during it; the outcome is the same, and it comes within 100 ms
+    of the confirmed death either way.
+    """
+    b, hs = Barrier(), Handshake()
+    proc = fork_child(b, hs, idle_child(b, hs))
+    dead_at: list[float] = []
+
+    def killer() -> None:
+        proc.kill_and_confirm()
+        dead_at.append(time.monotonic())
+
+    try:
+        hs.recv_blocking("ready")
+        if wait == "sync_blocking":
+            assert b.place()
+        thread = threading.Thread(target=killer)
+        thread.start()
+        result = getattr(b, wait)(timeout=SOON)
+        returned_at = time.monotonic()
+        thread.join(SOON)
+        assert result is (wait == "wait_abortion_blocking")
+        assert returned_at - dead_at[0] < DEADLINE
+        assert b.they_aborted
+        proc.join(killed=True)
+    finally:
+        proc.reap()
+        hs.close()
+        b.close()
+
+
 # ---------------------------------------------------------------------------------------
 # The parent side dies while the child waits
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("wait", ["sync", "wait_next", "wait_abortion", "all"])
-def test_child_wait_resolves_when_parent_side_is_killed(kind: str, wait: str) -> None:
-    """The PARENT side is a forked process of its own, so that this test can kill it.
+ChildSide = Callable[[Barrier, Handshake], Coroutine[Any, Any, None]]
 
-    Both sides are forked from here; this process then closes its copies of the fds, so
-    the pipe's read end lives only in the PARENT side and its death is the CHILD's
-    POLLERR. The CHILD side starts the 100 ms clock when told the PARENT side is dead.
+
+def kill_parent_side(kind: str, child_side: ChildSide, *, parent_places: int = 0) -> None:
+    """Run `child_side` as the CHILD side while a forked PARENT side is killed.
+
+    The PARENT side is a forked process of its own, so that this test can kill it. Both
+    sides are forked from here; this process then closes its copies of the fds, so the
+    pipe's read end lives only in the PARENT side and its death is the CHILD's POLLERR.
+    The PARENT side places `parent_places` barriers and says "ready". `child_side`
+    receives "go", sends "waiting" when it wants the PARENT side killed, and then
+    receives "parent side dead" (its cue to start a 100 ms clock).
     """
     b = Barrier()
     hs_parent, hs_child = Handshake(), Handshake()
 
-    def parent_side() -> None:
+    def parent_main() -> None:
         hs_parent.as_child()
         b.set_role(Role.PARENT)
+        for _ in range(parent_places):
+            assert b.place()
         hs_parent.send("ready")
         hs_parent.recv_blocking("never", seconds=SOON)  # killed long before
 
-    async def child_waits() -> None:
-        await hs_child.recv("go")
-        tasks: list[asyncio.Task[bool]] = []
-        expected: list[bool] = []
-        if wait in ("sync", "all"):
-            assert b.place()
-            tasks.append(asyncio.create_task(b.sync()))
-            expected.append(False)
-        if wait in ("wait_next", "all"):
-            tasks.append(asyncio.create_task(b.wait_next()))
-            expected.append(False)
-        if wait in ("wait_abortion", "all"):
-            tasks.append(asyncio.create_task(b.wait_abortion()))
-            expected.append(True)
-        for _ in range(3):
-            await asyncio.sleep(0)
-        assert b._waitq.waiting == len(tasks)
-        assert not any(t.done() for t in tasks)
-        hs_child.send("waiting")
-        await hs_child.recv("parent side dead")
-        async with asyncio.timeout(DEADLINE):
-            results = await asyncio.gather(*tasks)
-        assert results == expected, loop_kind()
-        assert b.they_aborted
-
-    def child_side() -> None:
+    def child_main() -> None:
         hs_child.as_child()
         b.set_role(Role.CHILD)
-        run_on(kind, child_waits())
+        run_on(kind, child_side(b, hs_child))
 
-    parent_proc = Proc(parent_side)
+    parent_proc = Proc(parent_main)
     hs_parent.as_parent()
-    child_proc = Proc(child_side)
+    child_proc = Proc(child_main)
     hs_child.as_parent()
     b.close()  # from here on, only the two sides hold the barrier's fds
     try:
@@ -243,6 +263,82 @@ def test_child_wait_resolves_when_parent_side_is_killed(kind: str, wait: str) ->
         parent_proc.reap()
         hs_parent.close()
         hs_child.close()
+
+
+@pytest.mark.parametrize("wait", ["sync", "wait_next", "wait_abortion", "all"])
+def test_child_wait_resolves_when_parent_side_is_killed(kind: str, wait: str) -> None:
+    async def child_side(b: Barrier, hs: Handshake) -> None:
+        await hs.recv("go")
+        tasks: list[asyncio.Task[bool]] = []
+        expected: list[bool] = []
+        if wait in ("sync", "all"):
+            assert b.place()
+            tasks.append(asyncio.create_task(b.sync()))
+            expected.append(False)
+        if wait in ("wait_next", "all"):
+            tasks.append(asyncio.create_task(b.wait_next()))
+            expected.append(False)
+        if wait in ("wait_abortion", "all"):
+            tasks.append(asyncio.create_task(b.wait_abortion()))
+            expected.append(True)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert b._waitq.waiting == len(tasks)
+        assert not any(t.done() for t in tasks)
+        hs.send("waiting")
+        await hs.recv("parent side dead")
+        async with asyncio.timeout(DEADLINE):
+            results = await asyncio.gather(*tasks)
+        assert results == expected, loop_kind()
+        assert b.they_aborted
+
+    kill_parent_side(kind, child_side)
+
+
+def test_child_side_reads_what_the_killed_parent_side_placed(kind: str) -> None:
+    async def child_side(b: Barrier, hs: Handshake) -> None:
+        await hs.recv("go")
+        hs.send("waiting")
+        await hs.recv("parent side dead")
+        async with asyncio.timeout(DEADLINE):
+            assert await b.wait_next() is True  # its barriers come before its death
+        assert repr(b) == "<aiosync.Barrier role=CHILD barriers=-2 aborted=no>"
+        async with asyncio.timeout(DEADLINE):
+            assert await b.wait_next() is False
+        async with asyncio.timeout(DEADLINE):
+            assert await b.wait_abortion() is True
+
+    kill_parent_side(kind, child_side, parent_places=2)
+
+
+def test_child_side_notices_death_after_its_registration_was_dropped(kind: str) -> None:
+    """uvloop reports a pipe write end's error once per registration (SPEC §5 pitfalls).
+
+    The CHILD side's registration outlives a finished sync(); the PARENT side's death
+    fires it while nobody waits, so it is dropped without reading (and the exit is not
+    noticed: a sync() that needs no wait still returns True). A later wait registers
+    afresh and must see the exit.
+    """
+
+    async def child_side(b: Barrier, hs: Handshake) -> None:
+        await hs.recv("go")
+        assert b.place()
+        assert await soon(b.sync()) is True  # reads the PARENT side's one barrier
+        assert [s.registered for s in b._waitq._slots.values()] == [True]
+        hs.send("waiting")
+        await hs.recv("parent side dead")
+        for _ in range(3):
+            await asyncio.sleep(0)  # the spent registration fires and is dropped
+        assert [s.registered for s in b._waitq._slots.values()] == [False]
+        assert not b.they_aborted
+        assert await b.sync() is True  # no wait needed, so no I/O: exit not noticed
+        async with asyncio.timeout(DEADLINE):
+            assert await b.wait_abortion() is True
+        async with asyncio.timeout(DEADLINE):
+            assert await b.sync_next() is False
+        assert repr(b) == "<aiosync.Barrier role=CHILD barriers=0 aborted=they>"
+
+    kill_parent_side(kind, child_side, parent_places=1)
 
 
 # ---------------------------------------------------------------------------------------
