@@ -309,13 +309,16 @@ class Barrier:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             with self._waitq.lock:
+                if self._closed:  # by another thread; noticed when the poll returns
+                    raise _closed_error()
                 self._pump(lambda: not done())
                 if done():
                     return
+                fds = (self._them, self._pipe_end)
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise TimeoutError("the barrier wait timed out")
-            _fd.wait_readable((self._them, self._pipe_end), remaining)
+            _fd.wait_readable(fds, remaining)
 
     # -- the read loop (runs with the lock held) --------------------------------------
 
@@ -429,7 +432,9 @@ class Barrier:
         if self._closed:
             return
         self._closed = True
-        self._waitq.close(self._take_fds(), _closed_error)
+        with self._waitq.lock:  # not while another thread's read loop uses them
+            fds = self._take_fds()
+        self._waitq.close(fds, _closed_error)
 
     def _take_fds(self) -> list[int]:
         fds = [self._them, self._pipe_r, self._pipe_w, self._me]
