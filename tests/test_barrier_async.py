@@ -512,3 +512,35 @@ async def test_blocking_twin_inside_a_running_loop(sides: tuple[Barrier, Barrier
         with pytest.raises(RuntimeError, match="would block the running event loop"):
             getattr(p, name)(timeout=0)
     assert loop_kind() in LOOP_KINDS
+
+
+@pytest.mark.parametrize("name", ["sync_blocking", "wait_next_blocking", "wait_abortion_blocking"])
+def test_close_while_another_thread_blocks(name: str) -> None:
+    """A blocking twin in another thread fails with ClosedResourceError, not a bad fd.
+
+    Closing does not interrupt the thread's poll(); the peer's next move does. Whether
+    the close lands before the twin starts or while it polls, the outcome is the same.
+    """
+    p, c = pair()
+    results: list[object] = []
+
+    def blocked() -> None:
+        try:
+            results.append(getattr(p, name)(timeout=SOON))
+        except Exception as exc:
+            results.append(exc)
+
+    try:
+        assert p.place()
+        thread = threading.Thread(target=blocked)
+        thread.start()
+        p.close()
+        assert c.place()  # wakes the poll, if it is in one
+        assert c.abort() is True
+        thread.join(SOON)
+        assert not thread.is_alive()
+        assert len(results) == 1
+        assert isinstance(results[0], ClosedResourceError), results
+    finally:
+        c.close()
+        p.close()
