@@ -24,7 +24,7 @@ import pytest
 from conftest import PYTHON, SOON, loop_kind, run_on, soon
 
 import aiosync
-from aiosync import Barrier, Role
+from aiosync import Barrier, Role, SharingError
 
 CHILD = str(Path(__file__).parent / "children" / "barrier_child.py")
 DEADLINE = 0.1  # SPEC §7
@@ -160,6 +160,35 @@ async def test_share_names_must_be_nonempty_strings() -> None:
         with pytest.raises(TypeError, match="non-empty strings"):
             await aiosync.create_subprocess_exec(PYTHON, "-c", "pass", share={"": b})
         assert b.role is None  # nothing happened to it
+
+
+async def test_one_object_under_two_names_is_refused_before_the_spawn() -> None:
+    with Barrier() as b:
+        with pytest.raises(SharingError, match="same object"):
+            await aiosync.create_subprocess_exec(
+                PYTHON, CHILD, "sync", "asyncio", share={"gate": b, "again": b}
+            )
+        assert b.role is None  # nothing was spawned; it can still be shared
+        proc = await start(b, "sync", loop_kind())
+        for _ in range(3):
+            assert await soon(b.place_and_sync()) is True
+        await line(proc)
+        await finish(proc)
+
+
+async def test_a_failed_spawn_changes_nothing() -> None:
+    with Barrier() as b:
+        fds = (b._me, b._them, b._pipe_r, b._pipe_w)
+        with pytest.raises(FileNotFoundError):
+            await aiosync.create_subprocess_exec("/nonexistent/program", share={"gate": b})
+        assert b.role is None
+        assert (b._me, b._them, b._pipe_r, b._pipe_w) == fds
+        assert not any(os.get_inheritable(fd) for fd in fds)
+        proc = await start(b, "sync", loop_kind())
+        for _ in range(3):
+            assert await soon(b.place_and_sync()) is True
+        await line(proc)
+        await finish(proc)
 
 
 def test_pickling_outside_a_multiprocessing_start_is_a_type_error() -> None:
