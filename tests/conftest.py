@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 import signal
 import socket
 import sys
@@ -149,7 +150,6 @@ class ForkedPair:
         parent: Side,
         child: Side,
         *,
-        child_exits: Callable[[], None] | None = None,
         barrier: Barrier | None = None,
     ) -> None:
         """Fork; run `child` in the child and `parent` here, each on a fresh loop.
@@ -176,19 +176,27 @@ class ForkedPair:
                 code = 1
             os._exit(code)
         os.close(report_w)
+        failure: BaseException | None = None
         try:
             hs.as_parent()
             b.set_role(Role.PARENT)
             run_on(self.kind, parent(b, hs))
-        except BaseException:
+        except BaseException as exc:
+            failure = exc
+            # Give a failing child a moment to write its traceback (the report pipe
+            # turns readable when it does, or when it exits), then make sure it is gone.
+            select.select([report_r], [], [], 2.0)
             os.kill(pid, signal.SIGKILL)
-            raise
         finally:
             _, status = os.waitpid(pid, 0)
             with os.fdopen(report_r, "rb") as f:
                 report = f.read().decode()
             hs.close()
             b.close()
+        if failure is not None:
+            if report:
+                failure.add_note(f"The child failed too:\n{report}")
+            raise failure
         if report or os.waitstatus_to_exitcode(status) != 0:
             pytest.fail(f"child failed (status {status}):\n{report}")
 
