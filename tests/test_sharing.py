@@ -67,7 +67,7 @@ async def test_child_killed_mid_wait(child_kind: str) -> None:
     with Barrier() as b:
         proc = await start(b, "killed-mid-wait", child_kind)
         try:
-            assert await line(proc) == "waiting"  # its sync() is parked
+            assert await line(proc) == "waiting"  # its wait_abortion() is parked
             assert b.place()
             assert b.place()  # it placed one: our sync() waits for a second
             tasks = [asyncio.create_task(b.sync()), asyncio.create_task(b.wait_abortion())]

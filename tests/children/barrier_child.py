@@ -55,12 +55,15 @@ def sync(kind: str) -> None:
 
 
 def killed_mid_wait(kind: str) -> None:
-    """Place one barrier, park a sync() for the parent's next one, say so, wait forever."""
+    """Place one barrier, park a wait_abortion(), say so, and wait to be killed.
+
+    (Not a sync(): the parent places barriers of its own, which would end it.)
+    """
     b = gate()
 
     async def main() -> None:
         assert b.place()
-        task = asyncio.create_task(b.sync())
+        task = asyncio.create_task(b.wait_abortion())
         for _ in range(3):
             await asyncio.sleep(0)
         assert not task.done()
