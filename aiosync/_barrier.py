@@ -400,10 +400,14 @@ class Barrier:
 
     @classmethod
     def _unshare(cls, state: dict[str, Any], fds: dict[str, int], name: str) -> Self:
-        role = state.get("role")
+        _share.expect_keys(name, state, {"role"})
+        role = state["role"]
         if role not in (None, Role.CHILD.name):
             raise _share.invalid(name, f"unknown role {role!r}")
-        _share.expect_keys(name, fds, {"me", "them", "pipe_w"}, optional={"pipe_r"})
+        # No role yet (pickled for multiprocessing): the child may take either role, so
+        # both pipe ends come along.
+        required = {"me", "them", "pipe_w"} | ({"pipe_r"} if role is None else set())
+        _share.expect_keys(name, fds, required, optional={"pipe_r"})
         me = _fd.check(fds["me"], "eventfd", name=name)
         them = _fd.check(fds["them"], "eventfd", name=name)
         pipe_w = _fd.check(fds["pipe_w"], "pipe-write", name=name)

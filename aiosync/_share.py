@@ -99,18 +99,28 @@ async def create_subprocess_exec(
 
     After the child started, a shared `Barrier` takes the PARENT role here (the child's
     is CHILD). If starting the child fails, nothing is changed and the error propagates.
-    A Barrier whose role is already set cannot be shared.
+    A Barrier whose role is already set cannot be shared, and no object can be shared
+    under two names (`SharingError`, raised before anything starts).
     """
     if not share:
         return await asyncio.create_subprocess_exec(program, *args, **kwds)
     objects: dict[str, Any] = {}
     passed: list[int] = []
+    names: dict[int, str] = {}
     for name, obj in share.items():
         if not isinstance(name, str) or not name:
             raise TypeError(f"share keys must be non-empty strings, not {name!r}")
         cls = _types.get(type(obj).__name__)
         if cls is None or type(obj) is not cls:
             raise TypeError(f"share[{name!r}] is not an aiosync object: {obj!r}")
+        # One object under two names would pass its fds twice (the child refuses that)
+        # and take its parent-side role twice here, after the child started.
+        if id(obj) in names:
+            raise SharingError(
+                f"share[{name!r}] is the same object as share[{names[id(obj)]!r}]; "
+                "share each object once"
+            )
+        names[id(obj)] = name
         state, fds = obj._share(True)
         objects[name] = {"type": cls.__name__, "state": state, "fds": fds}
         passed.extend(fds.values())
