@@ -207,6 +207,63 @@ def test_blocking_wait_resolves_when_child_is_killed(wait: str) -> None:
         b.close()
 
 
+@pytest.mark.parametrize("rounds_before_kill", [0, 1, 7, 50])
+def test_kill_at_an_arbitrary_moment_of_a_ping_pong(kind: str, rounds_before_kill: int) -> None:
+    """The child is killed from another thread while both sides place_and_sync() flat out.
+
+    The kill lands wherever the exchange happens to be (a wait, a place, between the
+    two); whatever it was, the parent's round in progress or its next one returns False
+    within 100 ms of the confirmed death, and every round before it returned True.
+    """
+
+    def child_main() -> None:
+        hs.as_child()
+        b.set_role(Role.CHILD)
+
+        async def ping_pong() -> None:
+            while await b.place_and_sync():
+                pass
+            raise AssertionError("the child's barrier aborted before it was killed")
+
+        run_on(kind, ping_pong())
+
+    b, hs = Barrier(), Handshake()
+    proc = fork_child(b, hs, child_main)
+    go = threading.Event()
+    dead_at: list[float] = []
+
+    def killer() -> None:
+        assert go.wait(SOON)
+        proc.kill_and_confirm()
+        dead_at.append(time.monotonic())
+
+    async def parent() -> tuple[int, float]:
+        rounds = 0
+        while True:
+            if rounds == rounds_before_kill:
+                go.set()
+            if not await soon(b.place_and_sync()):
+                return rounds, time.monotonic()
+            rounds += 1
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    try:
+        rounds, returned_at = run_on(kind, parent())
+        thread.join(SOON)
+        assert rounds >= rounds_before_kill
+        assert returned_at - dead_at[0] < DEADLINE
+        assert b.they_aborted
+        assert not b.i_aborted
+        proc.join(killed=True)
+    finally:
+        go.set()
+        thread.join(SOON)
+        proc.reap()
+        hs.close()
+        b.close()
+
+
 # ---------------------------------------------------------------------------------------
 # The parent side dies while the child waits
 # ---------------------------------------------------------------------------------------
