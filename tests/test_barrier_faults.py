@@ -264,6 +264,30 @@ def test_kill_at_an_arbitrary_moment_of_a_ping_pong(kind: str, rounds_before_kil
         b.close()
 
 
+def test_wait_abortion_after_own_abort_resolves_when_child_is_killed(kind: str) -> None:
+    b, hs = Barrier(), Handshake()
+    proc = fork_child(b, hs, idle_child(b, hs))
+
+    async def parent() -> None:
+        await hs.recv("ready")
+        assert b.abort() is True
+        assert await b.sync() is False  # at once: I aborted
+        task = asyncio.create_task(b.wait_abortion())
+        await parked(task, b, 1)  # my own abort does not release it
+        proc.kill_and_confirm()
+        async with asyncio.timeout(DEADLINE):
+            assert await task is False  # the peer is gone, but I aborted too
+        assert b.both_aborted
+
+    try:
+        run_on(kind, parent())
+        proc.join(killed=True)
+    finally:
+        proc.reap()
+        hs.close()
+        b.close()
+
+
 # ---------------------------------------------------------------------------------------
 # The parent side dies while the child waits
 # ---------------------------------------------------------------------------------------
