@@ -310,6 +310,7 @@ def kill_parent_side(kind: str, child_side: ChildSide, *, parent_places: int = 0
     hs_parent, hs_child = Handshake(), Handshake()
 
     def parent_main() -> None:
+        hs_child.close()  # this process's inherited copies: EOF reaches the test
         hs_parent.as_child()
         b.set_role(Role.PARENT)
         for _ in range(parent_places):
@@ -318,6 +319,7 @@ def kill_parent_side(kind: str, child_side: ChildSide, *, parent_places: int = 0
         hs_parent.recv_blocking("never", seconds=SOON)  # killed long before
 
     def child_main() -> None:
+        hs_parent.close()
         hs_child.as_child()
         b.set_role(Role.CHILD)
         run_on(kind, child_side(b, hs_child))
