@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -82,6 +83,7 @@ class Barrier:
         self._barriers = 0
         self._i_aborted = False
         self._they_aborted = False
+        self._blockers: dict[int, int] = {}  # thread -> wake eventfd of its blocking twin
         self._me = self._them = self._pipe_r = self._pipe_w = -1
         self._me = _fd.eventfd()
         try:
@@ -101,6 +103,7 @@ class Barrier:
         self._role = None
         self._barriers = 0
         self._i_aborted = self._they_aborted = False
+        self._blockers = {}
         self._me, self._them, self._pipe_r, self._pipe_w = me, them, pipe_r, pipe_w
         return self
 
@@ -307,18 +310,38 @@ class Barrier:
     def _block_until(self, done: Callable[[], bool], timeout: float | None) -> None:
         _no_running_loop()
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            with self._waitq.lock:
-                if self._closed:  # by another thread; noticed when the poll returns
-                    raise _closed_error()
-                self._pump(lambda: not done())
-                if done():
-                    return
-                fds = (self._them, self._pipe_end)
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise TimeoutError("the barrier wait timed out")
-            _fd.wait_readable(fds, remaining)
+        me = threading.get_ident()
+        wake = -1
+        try:
+            while True:
+                with self._waitq.lock:
+                    if self._closed:  # by another thread, which woke us
+                        raise _closed_error()
+                    self._pump(lambda: not done())
+                    if done():
+                        return
+                    if wake < 0:
+                        # Another thread may change the state while this one polls (a
+                        # loop's reader or another twin drains `them`; abort(); close()):
+                        # it writes to this eventfd (see _wake), so no wake-up is lost.
+                        wake = self._blockers[me] = _fd.eventfd()
+                    fds = (self._them, self._pipe_end, wake)
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError("the barrier wait timed out")
+                if _fd.wait_readable(fds, remaining):
+                    _fd.read_eventfd(wake)
+        finally:
+            if wake >= 0:
+                with self._waitq.lock:
+                    del self._blockers[me]
+                _fd.close(wake)
+
+    def _wake_blockers(self) -> None:
+        me = threading.get_ident()
+        for thread, wake in self._blockers.items():
+            if thread != me:
+                _fd.write_eventfd(wake, 1)
 
     # -- the read loop (runs with the lock held) --------------------------------------
 
@@ -365,6 +388,8 @@ class Barrier:
 
     def _wake(self) -> None:
         """Release every waiter whose condition holds, with its result as of now."""
+        if self._blockers:
+            self._wake_blockers()
         queue = self._waitq
         if not queue.waiting:
             return
@@ -438,6 +463,7 @@ class Barrier:
         self._closed = True
         with self._waitq.lock:  # not while another thread's read loop uses them
             fds = self._take_fds()
+            self._wake_blockers()
         self._waitq.close(fds, _closed_error)
 
     def _take_fds(self) -> list[int]:
