@@ -12,6 +12,7 @@ if not sys.platform.startswith("linux"):  # pragma: no cover - tested only on Li
     )
 
 from ._barrier import Barrier, Role
+from ._completion import Completion
 from ._errors import (
     AiosyncError,
     BrokenResourceError,
@@ -29,6 +30,7 @@ __all__ = [
     "BrokenResourceError",
     "BusyResourceError",
     "ClosedResourceError",
+    "Completion",
     "Role",
     "SeqCount",
     "SeqRecord",

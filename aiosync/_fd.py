@@ -137,6 +137,19 @@ def wait_readable(fds: Iterable[int], timeout: float | None) -> bool:
     return bool(poller.poll(ms))
 
 
+def readable(*fds: int) -> list[int]:
+    """Which of `fds` are readable right now (a zero-timeout poll; nothing is read)."""
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    return [fd for fd, events in poller.poll(0) if events & select.POLLIN]
+
+
+def eventfd_value(fd: int) -> int:
+    """An eventfd's current value, read from /proc without consuming it (for repr)."""
+    return int(_fdinfo(fd).get("eventfd-count", "0"), 16)
+
+
 def own(fd: int) -> int:
     """Make an fd received from another process ours: close-on-exec and non-blocking.
 

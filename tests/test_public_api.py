@@ -15,6 +15,7 @@ def test_public_names() -> None:
             "BrokenResourceError",
             "BusyResourceError",
             "ClosedResourceError",
+            "Completion",
             "Role",
             "SeqCount",
             "SeqRecord",
