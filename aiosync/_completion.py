@@ -136,6 +136,7 @@ class Completion:
 
     def wait_blocking(self, timeout: float | None = None) -> bool:
         """`wait()` for code without a running loop; False if `timeout` seconds passed."""
+        self._check_open()
         _no_running_loop()
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self.try_wait():
