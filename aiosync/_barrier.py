@@ -239,8 +239,9 @@ class Barrier:
 
     async def place_and_sync(self) -> bool:
         """`place()`, then `sync()`: the usual "I am ready, are you?" step."""
-        self.place()
-        return await self.sync()
+        if not self.place():  # checks the role and that the barrier is open
+            return False  # aborted: sync() would return False at once too
+        return await self._read(0)  # sync(), one coroutine frame less
 
     async def wait_abortion(self) -> bool:
         """Wait until the peer aborts or exits.
@@ -264,7 +265,11 @@ class Barrier:
             if self._barriers <= threshold:
                 return True
             waiter = queue.park(threshold)
-        return await queue.wait(waiter)
+        try:  # queue.wait(waiter), inlined: one coroutine frame less per wait
+            return await waiter.future
+        except BaseException:
+            queue._abandon(waiter)
+            raise
 
     # -- blocking twins ---------------------------------------------------------------
 
@@ -394,7 +399,7 @@ class Barrier:
         if not queue.waiting:
             return
         aborted = self._i_aborted or self._they_aborted
-        for slot in queue.slots():
+        for slot in queue._slots.values():  # release() never changes the slots
             for waiter in queue.pending(slot):
                 threshold = waiter.arg
                 if threshold is None:
