@@ -25,8 +25,8 @@ demo: $(VENV)/.installed
 	$(PY) examples/barrier_subprocess.py
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check aiosync tests examples benchmarks docs
-	$(BIN)/ruff format --check aiosync tests examples benchmarks docs
+	$(BIN)/ruff check aiosync tests examples benchmarks docs/check.py
+	$(BIN)/ruff format --check aiosync tests examples benchmarks docs/check.py
 	$(BIN)/mypy
 
 test: lint
