@@ -1,199 +1,334 @@
-"""Completion: cross-process hand-off and complete_all() fan-out (SPEC §6).
+"""Completion: cross-process `complete()` -> `wait()` hand-off, `complete_all()` fan-out (SPEC §6).
 
-1. ``complete()`` -> ``wait()`` hand-off between two processes, each completing for the
-   other in turn (one Completion per direction), vs the floor: the same exchange
-   hand-written on raw eventfds with one ``add_reader`` registration kept for the run.
-   Target: aiosync <= 1.25 x the floor.
-2. ``complete_all()`` waking 10,000 waiting tasks (until all have resumed) vs
-   ``asyncio.Event.set()`` waking 10,000 tasks. Target: <= 2 x.
+**Hand-off.** Each repetition forks a child *before* any loop runs; parent and child
+then each run a fresh loop of the same kind and, after a short warm-up, do `ROUNDS`
+round trips over two completions, one per direction: the parent completes ``ab`` and
+awaits ``ba``; the child awaits ``ab`` and then completes ``ba``. The parent times its
+rounds. Two contenders, alternated repetition by repetition, on asyncio and uvloop
+alike, with both processes pinned to CPU 0 and unpinned:
 
-Both on asyncio and uvloop, with the processes pinned to CPU 0 and unpinned; contenders
-alternate repetition by repetition; medians.
+* ``floor``: a minimal hand-written program on two raw eventfds: one ``add_reader``
+  registration per process kept for the whole run, the eventfd read in the callback,
+  which resolves the waiting future. It does not use aiosync.
+* ``aiosync``: ``ab.complete()`` / ``await ba.wait()`` on two `aiosync.Completion`.
 
-Usage: python -m benchmarks.bench_completion [--quick]
+Target: aiosync <= 1.25 x the floor.
+
+**Fan-out.** `WAITERS` tasks wait (all parked), then one call wakes them; timed from
+that call until ``asyncio.gather`` of all of them returns. ``complete_all()`` on a
+`Completion` vs ``asyncio.Event.set()``, alternated, each repetition on a fresh loop.
+Target: complete_all() <= 2 x Event.set().
+
+Usage: python -m benchmarks.bench_completion [--quick] [--rounds N] [--repetitions N]
+       [--waiters N]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
+import signal
+import sys
 import time
-from collections.abc import Callable, Coroutine
-from functools import partial
-from typing import Any
+import traceback
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from aiosync import Completion
 
 from ._common import LOOP_KINDS, alternate, cpu_label, pin, run_on, table, verdict
 
+ROUNDS = 20_000
+QUICK_ROUNDS = 2_000
+REPETITIONS = 5
+QUICK_REPETITIONS = 3
+WARMUP = 200
 WAITERS = 10_000
 
-
-def _forked(
-    kind: str, parent: Callable[[], Coroutine[Any, Any, float]], child: Callable[[], Any]
-) -> float:
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child side
-        code = 0
-        try:
-            run_on(kind, child())
-        except BaseException:
-            code = 1
-        os._exit(code)
-    try:
-        return run_on(kind, parent())
-    finally:
-        _, status = os.waitpid(pid, 0)
-        if os.waitstatus_to_exitcode(status):
-            raise RuntimeError("benchmark child failed")
+Step = Callable[[], Awaitable[Any]]
 
 
-def floor_round_trip(kind: str, rounds: int) -> float:
-    """µs per round trip on raw eventfds + add_reader (the hand-written floor)."""
-    ab = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-    ba = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+# -- 1. hand-off between two processes -------------------------------------------------
 
-    def side(me: int, them: int, first: bool) -> Callable[[], Coroutine[Any, Any, float]]:
-        async def run() -> float:
-            loop = asyncio.get_running_loop()
-            got = 0
-            waiter: asyncio.Future[None] | None = None
 
-            def readable() -> None:
-                nonlocal got
-                got += os.eventfd_read(them)
-                if waiter is not None and not waiter.done():
-                    waiter.set_result(None)
+class Contender(Protocol):
+    """Two one-way channels, ``ab`` (parent -> child) and ``ba``; one round trip per step."""
 
-            async def take() -> None:
-                nonlocal got, waiter
-                if not got:
-                    waiter = loop.create_future()
+    def side(self, parent: bool) -> Step:
+        """Prepare this process's side on the running loop; return its round-trip step."""
+
+    def finish(self) -> None:
+        """Undo `side` (still on the running loop)."""
+
+    def close(self) -> None:
+        """Release what the constructor made (in the parent, after the child exited)."""
+
+
+class RawFloor:
+    """The hand-written floor: two raw eventfds, one reader per process kept for the run."""
+
+    def __init__(self) -> None:
+        flags = os.EFD_CLOEXEC | os.EFD_NONBLOCK
+        self.ab = os.eventfd(0, flags)
+        self.ba = os.eventfd(0, flags)
+        self.inbox = -1
+
+    def side(self, parent: bool) -> Step:
+        outbox, inbox = (self.ab, self.ba) if parent else (self.ba, self.ab)
+        self.inbox = inbox
+        loop = asyncio.get_running_loop()
+        available = 0  # completions read from inbox, not yet taken
+        waiter: asyncio.Future[None] | None = None
+
+        def readable() -> None:
+            nonlocal available
+            try:
+                available += os.eventfd_read(inbox)
+            except BlockingIOError:
+                return
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+        async def take() -> None:
+            nonlocal available, waiter
+            while not available:
+                waiter = loop.create_future()
+                try:
                     await waiter
+                finally:
                     waiter = None
-                got -= 1
+            available -= 1
 
-            loop.add_reader(them, readable)
-            start = time.perf_counter()
-            for _ in range(rounds):
-                if first:
-                    os.eventfd_write(me, 1)
-                    await take()
-                else:
-                    await take()
-                    os.eventfd_write(me, 1)
-            elapsed = time.perf_counter() - start
-            loop.remove_reader(them)
-            return elapsed / rounds * 1e6
+        async def parent_step() -> None:
+            os.eventfd_write(outbox, 1)
+            await take()
 
-        return run
+        async def child_step() -> None:
+            await take()
+            os.eventfd_write(outbox, 1)
 
+        loop.add_reader(inbox, readable)
+        return parent_step if parent else child_step
+
+    def finish(self) -> None:
+        asyncio.get_running_loop().remove_reader(self.inbox)
+
+    def close(self) -> None:
+        os.close(self.ab)
+        os.close(self.ba)
+
+
+class AiosyncHandoff:
+    def __init__(self) -> None:
+        self.ab = Completion()
+        self.ba = Completion()
+
+    def side(self, parent: bool) -> Step:
+        ab, ba = self.ab, self.ba
+
+        async def parent_step() -> None:
+            ab.complete()
+            await ba.wait()
+
+        async def child_step() -> None:
+            await ab.wait()
+            ba.complete()
+
+        return parent_step if parent else child_step
+
+    def finish(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.ab.close()
+        self.ba.close()
+
+
+async def _run_side(contender: Contender, parent: bool, rounds: int) -> float:
+    """Warm up, then time `rounds` round trips; seconds elapsed."""
+    step = contender.side(parent)
     try:
-        return _forked(kind, side(ab, ba, True), side(ba, ab, False))
-    finally:
-        os.close(ab)
-        os.close(ba)
-
-
-def aiosync_round_trip(kind: str, rounds: int) -> float:
-    """µs per round trip with two Completions, one per direction."""
-    with Completion() as ab, Completion() as ba:
-
-        async def parent() -> float:
-            start = time.perf_counter()
-            for _ in range(rounds):
-                ab.complete()
-                await ba.wait()
-            return (time.perf_counter() - start) / rounds * 1e6
-
-        async def child() -> None:
-            for _ in range(rounds):
-                await ab.wait()
-                ba.complete()
-
-        return _forked(kind, parent, child)
-
-
-def fan_out(kind: str, use_aiosync: bool) -> float:
-    """µs from waking 10,000 waiting tasks until all of them resumed."""
-
-    async def run() -> float:
-        if use_aiosync:
-            c = Completion()
-            wait, wake = c.wait, c.complete_all
-        else:
-            event = asyncio.Event()
-            wait, wake = event.wait, event.set  # type: ignore[assignment]
-        tasks = [asyncio.ensure_future(wait()) for _ in range(WAITERS)]
-        await asyncio.sleep(0)  # all parked
+        for _ in range(WARMUP):
+            await step()
         start = time.perf_counter()
-        wake()
+        for _ in range(rounds):
+            await step()
+        return time.perf_counter() - start
+    finally:
+        contender.finish()
+
+
+def round_trip(make: Callable[[], Contender], kind: str, rounds: int) -> float:
+    """Fork a child, run both sides on fresh loops of `kind`: microseconds per round trip."""
+    contender = make()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            code = 0
+            try:
+                run_on(kind, _run_side(contender, False, rounds))
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+            finally:
+                os._exit(code)
+        try:
+            elapsed = run_on(kind, _run_side(contender, True, rounds))
+        except BaseException:
+            os.kill(pid, signal.SIGKILL)
+            raise
+        finally:
+            _, status = os.waitpid(pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise RuntimeError(f"benchmark child failed (status {status})")
+    finally:
+        contender.close()
+    return elapsed / rounds * 1e6
+
+
+# -- 2. waking many tasks at once --------------------------------------------------------
+
+
+async def _fan_out(use_aiosync: bool, waiters: int) -> float:
+    """Microseconds from the wake-up call until all `waiters` tasks have resumed."""
+    completion = Completion() if use_aiosync else None
+    event = asyncio.Event()
+    try:
+        wait = completion.wait if completion is not None else event.wait
+        tasks = [asyncio.ensure_future(wait()) for _ in range(waiters)]
+        await asyncio.sleep(0)  # every task has run up to its wait and parked
+        if any(t.done() for t in tasks):
+            raise RuntimeError("a waiter got through before the wake-up")
+        gc.collect()
+        start = time.perf_counter()
+        if completion is not None:
+            completion.complete_all()
+        else:
+            event.set()
         await asyncio.gather(*tasks)
         elapsed = time.perf_counter() - start
-        if use_aiosync:
-            c.close()
-        return elapsed * 1e6
+    finally:
+        if completion is not None:
+            completion.close()
+    return elapsed * 1e6
 
-    return run_on(kind, run())
+
+def fan_out(kind: str, use_aiosync: bool, waiters: int) -> float:
+    return run_on(kind, _fan_out(use_aiosync, waiters))
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="bench_completion")
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
-    rounds, reps = (2_000, 3) if args.quick else (10_000, 5)
-    handoff_rows = []
-    fan_rows = []
-    for pinned in (True, False):
-        pin(pinned)
-        for kind in LOOP_KINDS:
-            floor, ours = alternate(
-                [
-                    ("floor", partial(floor_round_trip, kind, rounds)),
-                    ("aiosync", partial(aiosync_round_trip, kind, rounds)),
-                ],
-                reps,
-            )
-            ratio = ours.median / floor.median
+# -- measuring and reporting ------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    floor: float  # us per round trip
+    aiosync: float
+    event_set: float  # us to wake all waiters
+    complete_all: float
+
+
+def measure(pinned: bool, rounds: int, repetitions: int, waiters: int) -> dict[str, Result]:
+    """Medians per loop kind, all (loop, contender) pairs of each part alternated."""
+    handoff = [
+        (f"{kind}/{name}", _bind_round_trip(make, kind, rounds))
+        for kind in LOOP_KINDS
+        for name, make in (("floor", RawFloor), ("aiosync", AiosyncHandoff))
+    ]
+    wake = [
+        (f"{kind}/{name}", _bind_fan_out(kind, use_aiosync, waiters))
+        for kind in LOOP_KINDS
+        for name, use_aiosync in (("event_set", False), ("complete_all", True))
+    ]
+    pin(pinned)
+    samples = {s.name: s.median for s in alternate(handoff, repetitions)}
+    samples.update({s.name: s.median for s in alternate(wake, repetitions)})
+    return {
+        kind: Result(
+            samples[f"{kind}/floor"],
+            samples[f"{kind}/aiosync"],
+            samples[f"{kind}/event_set"],
+            samples[f"{kind}/complete_all"],
+        )
+        for kind in LOOP_KINDS
+    }
+
+
+def _bind_round_trip(make: Callable[[], Contender], kind: str, rounds: int) -> Callable[[], float]:
+    return lambda: round_trip(make, kind, rounds)
+
+
+def _bind_fan_out(kind: str, use_aiosync: bool, waiters: int) -> Callable[[], float]:
+    return lambda: fan_out(kind, use_aiosync, waiters)
+
+
+def report(
+    results: dict[bool, dict[str, Result]], rounds: int, repetitions: int, waiters: int
+) -> str:
+    handoff_rows: list[list[object]] = []
+    wake_rows: list[list[object]] = []
+    for pinned, per_kind in results.items():
+        for kind, r in per_kind.items():
+            over_floor = r.aiosync / r.floor
             handoff_rows.append(
-                [cpu_label(pinned), kind, floor.median, ours.median, ratio, verdict(ratio, 1.25)]
-            )
-            event, completion = alternate(
-                [
-                    ("Event.set", partial(fan_out, kind, False)),
-                    ("complete_all", partial(fan_out, kind, True)),
-                ],
-                reps,
-            )
-            ratio = completion.median / event.median
-            fan_rows.append(
                 [
                     cpu_label(pinned),
                     kind,
-                    event.median / 1000,
-                    completion.median / 1000,
-                    ratio,
-                    verdict(ratio, 2.0),
+                    r.floor,
+                    r.aiosync,
+                    over_floor,
+                    verdict(over_floor, 1.25),
                 ]
             )
-    pin(False)
-    print(
-        table(
-            f"Completion complete() -> wait() round trip between two processes, µs "
-            f"(median of {reps} x {rounds})",
-            ["cpus", "loop", "floor", "aiosync", "aiosync/floor", "target"],
-            handoff_rows,
-        )
+            over_event = r.complete_all / r.event_set
+            wake_rows.append(
+                [
+                    cpu_label(pinned),
+                    kind,
+                    r.event_set / 1000,
+                    r.complete_all / 1000,
+                    over_event,
+                    verdict(over_event, 2),
+                ]
+            )
+    handoff_table = table(
+        f"Completion complete() -> wait() round trip, parent <-> child (one Completion "
+        f"per direction), us per round trip (median of {repetitions}; {rounds} round trips)",
+        ["cpus", "loop", "floor", "aiosync", "aiosync/floor", "target"],
+        handoff_rows,
     )
-    print()
-    print(
-        table(
-            f"Waking {WAITERS:,} waiting tasks, ms (median of {reps})",
-            ["cpus", "loop", "Event.set", "complete_all", "ratio", "target"],
-            fan_rows,
-        )
+    wake_table = table(
+        f"Waking {waiters:,} waiting tasks, ms from the call until gather() returns "
+        f"(median of {repetitions})",
+        ["cpus", "loop", "Event.set", "complete_all", "complete_all/Event", "target"],
+        wake_rows,
     )
+    return f"{handoff_table}\n\n{wake_table}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_completion")
+    parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
+    parser.add_argument("--rounds", type=int, help=f"round trips per repetition ({ROUNDS})")
+    parser.add_argument("--repetitions", type=int, help=f"repetitions ({REPETITIONS})")
+    parser.add_argument("--waiters", type=int, help=f"tasks woken at once ({WAITERS})")
+    args = parser.parse_args(argv)
+    rounds = args.rounds or (QUICK_ROUNDS if args.quick else ROUNDS)
+    repetitions = args.repetitions or (QUICK_REPETITIONS if args.quick else REPETITIONS)
+    waiters = args.waiters or WAITERS
+    saved = os.sched_getaffinity(0)
+    try:
+        results = {
+            pinned: measure(pinned, rounds, repetitions, waiters) for pinned in (True, False)
+        }
+    finally:
+        os.sched_setaffinity(0, saved)
+    print(report(results, rounds, repetitions, waiters), flush=True)
 
 
 if __name__ == "__main__":
