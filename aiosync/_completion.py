@@ -39,6 +39,8 @@ and then killed has.
 from __future__ import annotations
 
 import asyncio
+import select
+import threading
 import time
 import warnings
 from types import TracebackType
@@ -67,6 +69,7 @@ class Completion:
 
     def __init__(self) -> None:
         self._closed = True  # until every fd exists, for __del__
+        self._pollers = threading.local()
         self._waitq: _fd.WaitQueue[bool] = _fd.WaitQueue(self)
         self._count = self._all = -1
         self._count = _fd.eventfd(semaphore=True)
@@ -81,6 +84,7 @@ class Completion:
     @classmethod
     def _adopt(cls, count: int, all_: int) -> Self:
         self = cls.__new__(cls)
+        self._pollers = threading.local()
         self._waitq = _fd.WaitQueue(self)
         self._count, self._all = count, all_
         self._waitq.watch(count, all_)
@@ -109,14 +113,15 @@ class Completion:
     def try_wait(self) -> bool:
         """Take one completion if one is available (or all are done); never blocks."""
         self._check_open()
-        if self._all_done():
+        all_done, available = self._poll()
+        if all_done:
             return True
-        return _fd.read_eventfd(self._count) != 0
+        return available and _fd.read_eventfd(self._count) != 0
 
     def done(self) -> bool:
         """Whether a `wait()` would get through now. Never takes anything."""
         self._check_open()
-        return bool(_fd.readable(self._count, self._all))
+        return any(self._poll())
 
     async def wait(self) -> None:
         """Wait for a completion and take it (take nothing while all are done).
@@ -161,7 +166,26 @@ class Completion:
                 pass
 
     def _all_done(self) -> bool:
-        return bool(_fd.readable(self._all))
+        return self._poll()[0]
+
+    def _poll(self) -> tuple[bool, bool]:
+        """(all done, a count is available) now: one zero-timeout poll, nothing read."""
+        # One poll object per thread (one refuses concurrent polls), kept: building one
+        # per call costs more than the poll(2) itself, and this is every wait's path.
+        try:
+            poller: select.poll = self._pollers.poller
+        except AttributeError:
+            poller = self._pollers.poller = select.poll()
+            poller.register(self._count, select.POLLIN)
+            poller.register(self._all, select.POLLIN)
+        all_done = available = False
+        for fd, events in poller.poll(0):
+            if events & select.POLLIN:
+                if fd == self._all:
+                    all_done = True
+                else:
+                    available = True
+        return all_done, available
 
     # -- handing out (the fd callback) ----------------------------------------------------
 
