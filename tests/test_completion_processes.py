@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import multiprocessing
 import os
 import signal
@@ -10,44 +11,74 @@ import subprocess
 import sys
 import traceback
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import run_on, soon
+from conftest import loop_kind, run_on, soon
 
 import aiosync
 from aiosync import Completion
 
 
-def fork_child(body: Callable[[int], None]) -> tuple[int, int]:
-    """Fork a child that runs `body(report_fd)`; return (pid, read end of its report)."""
-    r, w = os.pipe()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child
-        code = 0
-        try:
-            os.close(r)
-            body(w)
-        except BaseException:
-            os.write(w, b"ERROR " + traceback.format_exc().encode())
-            code = 1
-        os._exit(code)
-    os.close(w)
-    return pid, r
+class Children:
+    """Forked children, each reporting through a pipe; all are reaped on exit.
 
+    A child that is still running when the block is left (a failed assertion in the
+    parent) is SIGKILLed first, so that no test leaves a process or a hang behind.
+    """
 
-def collect(pid: int, report: int) -> str:
-    with os.fdopen(report, "rb") as f:
-        text = f.read().decode()
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, text
-    assert not text.startswith("ERROR"), text
-    return text
+    def __init__(self) -> None:
+        self.running: dict[int, int] = {}  # pid -> read end of its report
+
+    def fork(self, body: Callable[[int], None]) -> int:
+        """Fork a child that runs `body(report_fd)` and exits; return its pid."""
+        r, w = os.pipe()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            code = 0
+            try:
+                os.close(r)
+                body(w)
+            except BaseException:
+                os.write(w, b"ERROR " + traceback.format_exc().encode())
+                code = 1
+            os._exit(code)
+        os.close(w)
+        self.running[pid] = r
+        return pid
+
+    def collect(self, pid: int) -> str:
+        """Its report, once it has exited successfully (its failure fails the test)."""
+        with os.fdopen(self.running.pop(pid), "rb") as f:
+            text = f.read().decode()
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, text
+        assert not text.startswith("ERROR"), text
+        return text
+
+    def kill(self, pid: int) -> None:
+        os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+        os.close(self.running.pop(pid))
+        assert os.waitstatus_to_exitcode(status) == -signal.SIGKILL
+
+    def __enter__(self) -> Children:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for pid, report in self.running.items():
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            os.close(report)
+        self.running.clear()
 
 
 def child_loop(kind: str, make: Callable[[], Coroutine[Any, Any, str]]) -> Callable[[int], None]:
+    """A child's body: run `make()` on a fresh loop of `kind`, report what it returns."""
+
     def body(report: int) -> None:
         os.write(report, run_on(kind, make()).encode())
 
@@ -75,34 +106,56 @@ def test_n_completes_release_exactly_n_waits_across_two_processes(kind: str) -> 
                     got.complete()
                 return str(taken)
 
-        children = [fork_child(child_loop(kind, take_until_stopped)) for _ in range(2)]
-        for _ in range(n):
-            c.complete()
-        for _ in range(n):
-            assert got.wait_blocking(timeout=30)
-        stop.complete_all()
-        counts = [int(collect(pid, report)) for pid, report in children]
+        with Children() as children:
+            pids = [children.fork(child_loop(kind, take_until_stopped)) for _ in range(2)]
+            for _ in range(n):
+                c.complete()
+            for _ in range(n):
+                assert got.wait_blocking(timeout=30)
+            stop.complete_all()
+            counts = [int(children.collect(pid)) for pid in pids]
         assert sum(counts) == n
         assert not c.try_wait()  # nothing left over
+        assert not got.try_wait()  # and no wait was counted twice
 
 
 def test_a_killed_waiting_process_takes_no_count(kind: str) -> None:
-    with Completion() as c, Completion() as parked:
-
-        async def park_for_ever() -> str:
-            waiter = asyncio.ensure_future(c.wait())
-            await asyncio.sleep(0)  # the wait is parked: its count is not taken yet
-            parked.complete()
-            await waiter
-            return "unreachable"
-
-        pid, report = fork_child(child_loop(kind, park_for_ever))
+    with Completion() as c, Completion() as parked, Children() as children:
+        pid = children.fork(child_loop(kind, park_for_ever(c, parked)))
         assert parked.wait_blocking(timeout=30)
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        os.close(report)
+        children.kill(pid)
         for _ in range(3):
             c.complete()
+        assert [c.try_wait() for _ in range(4)] == [True, True, True, False]
+
+
+def park_for_ever(c: Completion, parked: Completion) -> Callable[[], Coroutine[Any, Any, str]]:
+    """A child's coroutine: park a `c.wait()` task, then say so on `parked`."""
+
+    async def park() -> str:
+        waiter = asyncio.ensure_future(c.wait())
+        await asyncio.sleep(0)  # the task's first step runs: it parks
+        assert not waiter.done()
+        assert c._waitq.waiting == 1  # parked in the queue, watching the fds
+        parked.complete()
+        await waiter
+        return "unreachable"
+
+    return park
+
+
+def test_a_stopped_then_killed_waiter_takes_no_count(kind: str) -> None:
+    # The counts arrive while the parked waiter's process is frozen (SIGSTOP): its loop
+    # watches the fd but cannot read it, and the kill then takes nothing with it.
+    with Completion() as c, Completion() as parked, Children() as children:
+        pid = children.fork(child_loop(kind, park_for_ever(c, parked)))
+        assert parked.wait_blocking(timeout=30)
+        os.kill(pid, signal.SIGSTOP)
+        _, status = os.waitpid(pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status)
+        for _ in range(3):
+            c.complete()
+        children.kill(pid)
         assert [c.try_wait() for _ in range(4)] == [True, True, True, False]
 
 
@@ -116,42 +169,37 @@ def test_stress_four_processes_complete_and_wait(kind: str) -> None:
                 await c.wait()
             return str(rounds)
 
-        children = [fork_child(child_loop(kind, pairs)) for _ in range(4)]
-        assert [int(collect(pid, report)) for pid, report in children] == [rounds] * 4
+        with Children() as children:
+            pids = [children.fork(child_loop(kind, pairs)) for _ in range(4)]
+            assert [int(children.collect(pid)) for pid in pids] == [rounds] * 4
         assert not c.try_wait()
 
 
-CHILD = """
-import asyncio, sys, aiosync
-async def main():
-    shared = aiosync.inherited()
-    ready, answer = shared["ready"], shared["answer"]
-    ready.complete()
-    ready.complete()
-    await answer.wait()   # the parent's answer
-    ready.close()
-    answer.close()
-if sys.argv[1] == "uvloop":
-    import uvloop
-    uvloop.run(main())
-else:
-    asyncio.run(main())
-"""
+CHILD = str(Path(__file__).parent / "children" / "completion_child.py")
 
 
 async def test_create_subprocess_exec_child_completes_and_waits() -> None:
-    from conftest import loop_kind
-
     with Completion() as ready, Completion() as answer:
         proc = await aiosync.create_subprocess_exec(
-            sys.executable, "-c", CHILD, loop_kind(), share={"ready": ready, "answer": answer}
+            sys.executable,
+            CHILD,
+            "hand-off",
+            loop_kind(),
+            share={"ready": ready, "answer": answer},
+            stderr=asyncio.subprocess.PIPE,
         )
-        await soon(ready.wait())
-        await soon(ready.wait())
-        answer.complete()
-        assert await soon(proc.wait()) == 0
-        assert not ready.try_wait()
-        assert not answer.try_wait()
+        try:
+            await soon(ready.wait())
+            await soon(ready.wait())
+            answer.complete()
+            _, err = await soon(proc.communicate())
+            assert proc.returncode == 0, err.decode()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        assert not ready.try_wait()  # exactly two
+        assert not answer.try_wait()  # the child took the parent's one
 
 
 def complete_once(c: Completion) -> None:
@@ -165,50 +213,73 @@ def test_multiprocessing_child_completes(method: str) -> None:
         context: Any = multiprocessing.get_context(method)
         process = context.Process(target=complete_once, args=(c,))
         process.start()
-        assert c.wait_blocking(timeout=30)
-        process.join(30)
-        assert process.exitcode == 0
+        try:
+            assert c.wait_blocking(timeout=30)
+            process.join(30)
+            assert process.exitcode == 0
+        finally:
+            if process.exitcode is None:
+                process.kill()
+                process.join()
+            process.close()
         assert not c.try_wait()
 
 
 @pytest.mark.parametrize(
     ("fds", "state", "message"),
     [
-        ({"count": "ALL", "all": "COUNT"}, {}, "semaphore eventfd"),
-        ({"count": "COUNT"}, {}, "missing"),
-        ({"count": "COUNT", "all": "ALL"}, {"x": 1}, "unexpected"),
+        # A plain eventfd where the semaphore one is expected: reading it whole would
+        # take every pending count at once.
+        ({"count": "PLAIN", "all": "ALL"}, {}, "should be a semaphore eventfd"),
+        # The semaphore one where the plain flag is expected.
+        ({"count": "COUNT", "all": "SEMAPHORE"}, {}, "should be a plain eventfd"),
+        ({"count": "COUNT", "all": "PIPE"}, {}, "should be an eventfd"),
+        ({"count": "COUNT"}, {}, "missing ['all']"),
+        ({"count": "COUNT", "all": "ALL"}, {"x": 1}, "unexpected ['x']"),
+        ({"count": "COUNT", "all": "ALL", "more": "PLAIN"}, {}, "unexpected ['more']"),
+        ({"count": "COUNT", "all": "CLOSED"}, {}, "is not open in this process"),
+        ({"count": "COUNT", "all": "ALL"}, {}, "accepted"),  # the control: a true one
     ],
 )
 def test_forged_descriptions_are_refused(
     fds: dict[str, str], state: dict[str, int], message: str
 ) -> None:
-    import json
-
-    with Completion() as c:
-        numbers = {"COUNT": c._count, "ALL": c._all}
-        desc = {
-            "aiosync": 1,
-            "objects": {
-                "ready": {
-                    "type": "Completion",
-                    "state": state,
-                    "fds": {k: numbers[v] for k, v in fds.items()},
-                }
-            },
-        }
-        code = (
-            "import aiosync\n"
-            "try:\n    aiosync.inherited()\n"
-            "except aiosync.SharingError as e:\n    print('SharingError', e)\n"
-        )
-        result = subprocess.run(
-            [sys.executable, "-c", code],
-            env={**os.environ, "AIOSYNC_SHARED": json.dumps(desc)},
-            pass_fds=(c._count, c._all),
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        )
-        assert result.stdout.startswith("SharingError"), result.stdout + result.stderr
-        assert message in result.stdout
+    r, w = os.pipe()
+    plain, semaphore = os.eventfd(0), os.eventfd(0, os.EFD_SEMAPHORE)
+    try:
+        with Completion() as c:
+            numbers = {
+                "COUNT": c._count,
+                "ALL": c._all,
+                "PIPE": r,
+                "PLAIN": plain,
+                "SEMAPHORE": semaphore,
+                "CLOSED": w,  # open here, but not passed to the child
+            }
+            desc = {
+                "aiosync": 1,
+                "objects": {
+                    "ready": {
+                        "type": "Completion",
+                        "state": state,
+                        "fds": {k: numbers[v] for k, v in fds.items()},
+                    }
+                },
+            }
+            result = subprocess.run(
+                [sys.executable, CHILD, "inherit"],
+                env={**os.environ, "AIOSYNC_SHARED": json.dumps(desc)},
+                pass_fds=(c._count, c._all, r, plain, semaphore),
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+    finally:
+        for fd in (r, w, plain, semaphore):
+            os.close(fd)
+    assert result.returncode == 0, result.stderr
+    assert message in result.stdout, result.stdout + result.stderr
+    if message != "accepted":
+        assert result.stdout.startswith("SharingError "), result.stdout
+        assert "ready" in result.stdout  # names the object it refused
