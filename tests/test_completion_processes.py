@@ -159,6 +159,52 @@ def test_a_stopped_then_killed_waiter_takes_no_count(kind: str) -> None:
         assert [c.try_wait() for _ in range(4)] == [True, True, True, False]
 
 
+def test_a_count_handed_to_a_cancelled_wait_goes_back_to_another_process(kind: str) -> None:
+    # The child's parked c.wait() is handed a count and cancelled before its task
+    # resumes: the count must go back into the kernel for the parent. Ordering: the
+    # child is frozen (SIGSTOP) while the parent completes c and then writes "cancel"
+    # on a pipe; thawed, its loop sees both fds ready in one poll, in the order they
+    # became ready (epoll's ready list), so c's callback hands the count over first
+    # and the pipe's callback then cancels the task that holds it.
+    cancel_r, cancel_w = os.pipe()
+    try:
+        with Completion() as c, Completion() as parked, Children() as children:
+
+            async def hand_then_cancel() -> str:
+                loop = asyncio.get_running_loop()
+                take = asyncio.ensure_future(c.wait())
+                await asyncio.sleep(0)  # the task's first step runs: it parks
+                assert c._waitq.waiting == 1
+                seen: list[int] = []
+
+                def cancel() -> None:
+                    loop.remove_reader(cancel_r)
+                    seen.append(c._waitq.waiting)  # 0: the count was handed over
+                    take.cancel()
+
+                loop.add_reader(cancel_r, cancel)
+                parked.complete()
+                try:
+                    await take
+                except asyncio.CancelledError:
+                    return f"cancelled waiting={seen}"
+                return f"took waiting={seen}"
+
+            pid = children.fork(child_loop(kind, hand_then_cancel))
+            assert parked.wait_blocking(timeout=30)
+            os.kill(pid, signal.SIGSTOP)
+            _, status = os.waitpid(pid, os.WUNTRACED)
+            assert os.WIFSTOPPED(status)
+            c.complete()
+            os.write(cancel_w, b"x")
+            os.kill(pid, signal.SIGCONT)
+            assert children.collect(pid) == "cancelled waiting=[0]"
+            assert [c.try_wait() for _ in range(2)] == [True, False]
+    finally:
+        os.close(cancel_r)
+        os.close(cancel_w)
+
+
 def test_stress_four_processes_complete_and_wait(kind: str) -> None:
     rounds = 1000
     with Completion() as c:
