@@ -70,6 +70,7 @@ class Completion:
     def __init__(self) -> None:
         self._closed = True  # until every fd exists, for __del__
         self._pollers = threading.local()
+        self._blockers: dict[int, int] = {}  # thread -> wake eventfd of its wait_blocking()
         self._waitq: _fd.WaitQueue[bool] = _fd.WaitQueue(self)
         self._count = self._all = -1
         self._count = _fd.eventfd(semaphore=True)
@@ -85,6 +86,7 @@ class Completion:
     def _adopt(cls, count: int, all_: int) -> Self:
         self = cls.__new__(cls)
         self._pollers = threading.local()
+        self._blockers = {}
         self._waitq = _fd.WaitQueue(self)
         self._count, self._all = count, all_
         self._waitq.watch(count, all_)
@@ -144,12 +146,28 @@ class Completion:
         self._check_open()
         _no_running_loop()
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not self.try_wait():
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                return False
-            _fd.wait_readable((self._count, self._all), remaining)
-        return True
+        me = threading.get_ident()
+        wake = -1
+        try:
+            while not self.try_wait():
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                with self._waitq.lock:
+                    self._check_open()
+                    if wake < 0:
+                        # close() in another thread does not end a poll() of these fds:
+                        # it writes to this eventfd instead (see close()).
+                        wake = self._blockers[me] = _fd.eventfd()
+                    fds = (self._count, self._all, wake)
+                _fd.wait_readable(fds, remaining)
+                _fd.read_eventfd(wake)  # a stray wake-up (e.g. a forked copy's close())
+            return True
+        finally:
+            if wake >= 0:
+                with self._waitq.lock:
+                    del self._blockers[me]
+                _fd.close(wake)
 
     def reinit(self) -> None:
         """Back to "nothing completed": drop pending completions and the all-done state.
@@ -244,6 +262,8 @@ class Completion:
         with self._waitq.lock:
             fds = [self._count, self._all]
             self._count = self._all = -1
+            for wake in self._blockers.values():  # wake the threads in wait_blocking()
+                _fd.write_eventfd(wake, 1)
         self._waitq.close(fds, _closed_error)
 
     def __enter__(self) -> Self:
@@ -261,7 +281,9 @@ class Completion:
     def __del__(self) -> None:
         if getattr(self, "_closed", True):
             return
-        warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self, stacklevel=1)
+        # Not repr(): it reads /proc, which fails while the interpreter shuts down.
+        what = f"<aiosync.Completion fds={self._count},{self._all}>"
+        warnings.warn(f"unclosed {what}", ResourceWarning, source=self, stacklevel=1)
         self.close()
 
     def _check_open(self) -> None:

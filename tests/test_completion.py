@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import assert_blocks, run_on, soon
+from conftest import BLOCKS, SOON, assert_blocks, run_on, soon
 
 from aiosync import ClosedResourceError, Completion
 
@@ -293,3 +293,26 @@ def test_waiters_in_two_threads_each_get_one(kind: str) -> None:
             t.join(30)
         assert sorted(results) == ["a", "b"]
         assert not c.try_wait()
+
+
+def test_close_from_another_thread_ends_wait_blocking() -> None:
+    # close() does not end another thread's poll() of the fds it closes: the blocked
+    # thread must be woken on purpose (it slept out its whole timeout before).
+    c = Completion()
+    outcome: list[object] = []
+
+    def block() -> None:
+        try:
+            outcome.append(c.wait_blocking(timeout=3 * SOON))
+        except ClosedResourceError as e:
+            outcome.append(e)
+
+    thread = threading.Thread(target=block)
+    thread.start()
+    thread.join(BLOCKS)
+    assert thread.is_alive(), f"wait_blocking() returned without a completion: {outcome}"
+    c.close()
+    thread.join(SOON)
+    assert not thread.is_alive(), "close() did not wake the thread blocked in wait_blocking()"
+    assert len(outcome) == 1, outcome
+    assert isinstance(outcome[0], ClosedResourceError), outcome
