@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import statistics
-from collections.abc import Callable, Coroutine, Sequence
+import sys
+import time
+import traceback
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import uvloop
 
@@ -92,3 +96,69 @@ def verdict(ratio: float, target: float, *, at_most: bool = True) -> str:
     ok = ratio <= target if at_most else ratio >= target
     sign = "<=" if at_most else ">="
     return f"{'met' if ok else 'MISSED'} ({sign} {target:g})"
+
+
+# ---------------------------------------------------------------------------------------
+# Round trips between a parent and a forked child
+# ---------------------------------------------------------------------------------------
+
+WARMUP = 200  # round trips before timing starts
+
+Step = Callable[[], Awaitable[Any]]
+
+
+class Contender(Protocol):
+    """Something both processes do in lockstep, one round trip per ``step()``."""
+
+    def side(self, parent: bool) -> Step:
+        """Prepare this process's side on the running loop; return its round-trip step."""
+
+    def finish(self) -> None:
+        """Undo `side` (still on the running loop)."""
+
+    def close(self) -> None:
+        """Release what the constructor made (in the parent, after the child exited)."""
+
+
+async def _run_side(contender: Contender, parent: bool, rounds: int) -> float:
+    """Warm up, then time `rounds` round trips; seconds elapsed."""
+    step = contender.side(parent)
+    try:
+        for _ in range(WARMUP):
+            await step()
+        start = time.perf_counter()
+        for _ in range(rounds):
+            await step()
+        return time.perf_counter() - start
+    finally:
+        contender.finish()
+
+
+def round_trip(make: Callable[[], Contender], kind: str, rounds: int) -> float:
+    """Fork a child, run both sides on fresh loops of `kind`: microseconds per round trip."""
+    contender = make()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            code = 0
+            try:
+                run_on(kind, _run_side(contender, False, rounds))
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+            finally:
+                os._exit(code)
+        try:
+            elapsed = run_on(kind, _run_side(contender, True, rounds))
+        except BaseException:
+            os.kill(pid, signal.SIGKILL)
+            raise
+        finally:
+            _, status = os.waitpid(pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise RuntimeError(f"benchmark child failed (status {status})")
+    finally:
+        contender.close()
+    return elapsed / rounds * 1e6

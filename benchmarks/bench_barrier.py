@@ -27,40 +27,30 @@ import argparse
 import asyncio
 import multiprocessing
 import os
-import signal
-import sys
-import time
-import traceback
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from aiosync import Barrier, Role
 
-from ._common import LOOP_KINDS, alternate, cpu_label, pin, run_on, table, verdict
+from ._common import (
+    LOOP_KINDS,
+    Contender,
+    Step,
+    alternate,
+    cpu_label,
+    pin,
+    round_trip,
+    table,
+    verdict,
+)
 
 ROUNDS = 20_000
 QUICK_ROUNDS = 2_000
 REPETITIONS = 5
 QUICK_REPETITIONS = 3
-WARMUP = 200
 MP_SHARE = 4  # mp.Barrier runs ROUNDS // MP_SHARE round trips (it is far slower)
-
-Step = Callable[[], Awaitable[Any]]
-
-
-class Contender(Protocol):
-    """Something both processes do in lockstep, one round trip per ``step()``."""
-
-    def side(self, parent: bool) -> Step:
-        """Prepare this process's side on the running loop; return its round-trip step."""
-
-    def finish(self) -> None:
-        """Undo `side` (still on the running loop)."""
-
-    def close(self) -> None:
-        """Release what the constructor made (in the parent, after the child exited)."""
 
 
 class RawFloor:
@@ -145,50 +135,6 @@ class MpBarrier:
 
     def close(self) -> None:
         pass
-
-
-async def _run_side(contender: Contender, parent: bool, rounds: int) -> float:
-    """Warm up, then time `rounds` round trips; seconds elapsed."""
-    step = contender.side(parent)
-    try:
-        for _ in range(WARMUP):
-            await step()
-        start = time.perf_counter()
-        for _ in range(rounds):
-            await step()
-        return time.perf_counter() - start
-    finally:
-        contender.finish()
-
-
-def round_trip(make: Callable[[], Contender], kind: str, rounds: int) -> float:
-    """Fork a child, run both sides on fresh loops of `kind`: microseconds per round trip."""
-    contender = make()
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child
-            code = 0
-            try:
-                run_on(kind, _run_side(contender, False, rounds))
-            except BaseException:
-                traceback.print_exc()
-                code = 1
-            finally:
-                os._exit(code)
-        try:
-            elapsed = run_on(kind, _run_side(contender, True, rounds))
-        except BaseException:
-            os.kill(pid, signal.SIGKILL)
-            raise
-        finally:
-            _, status = os.waitpid(pid, 0)
-        if os.waitstatus_to_exitcode(status) != 0:
-            raise RuntimeError(f"benchmark child failed (status {status})")
-    finally:
-        contender.close()
-    return elapsed / rounds * 1e6
 
 
 @dataclass

@@ -29,42 +29,32 @@ import argparse
 import asyncio
 import gc
 import os
-import signal
-import sys
 import time
-import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
 
 from aiosync import Completion
 
-from ._common import LOOP_KINDS, alternate, cpu_label, pin, run_on, table, verdict
+from ._common import (
+    LOOP_KINDS,
+    Contender,
+    Step,
+    alternate,
+    cpu_label,
+    pin,
+    round_trip,
+    run_on,
+    table,
+    verdict,
+)
 
 ROUNDS = 20_000
 QUICK_ROUNDS = 2_000
 REPETITIONS = 5
 QUICK_REPETITIONS = 3
-WARMUP = 200
 WAITERS = 10_000
 
-Step = Callable[[], Awaitable[Any]]
-
-
 # -- 1. hand-off between two processes -------------------------------------------------
-
-
-class Contender(Protocol):
-    """Two one-way channels, ``ab`` (parent -> child) and ``ba``; one round trip per step."""
-
-    def side(self, parent: bool) -> Step:
-        """Prepare this process's side on the running loop; return its round-trip step."""
-
-    def finish(self) -> None:
-        """Undo `side` (still on the running loop)."""
-
-    def close(self) -> None:
-        """Release what the constructor made (in the parent, after the child exited)."""
 
 
 class RawFloor:
@@ -145,50 +135,6 @@ class AiosyncHandoff:
     def close(self) -> None:
         self.ab.close()
         self.ba.close()
-
-
-async def _run_side(contender: Contender, parent: bool, rounds: int) -> float:
-    """Warm up, then time `rounds` round trips; seconds elapsed."""
-    step = contender.side(parent)
-    try:
-        for _ in range(WARMUP):
-            await step()
-        start = time.perf_counter()
-        for _ in range(rounds):
-            await step()
-        return time.perf_counter() - start
-    finally:
-        contender.finish()
-
-
-def round_trip(make: Callable[[], Contender], kind: str, rounds: int) -> float:
-    """Fork a child, run both sides on fresh loops of `kind`: microseconds per round trip."""
-    contender = make()
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child
-            code = 0
-            try:
-                run_on(kind, _run_side(contender, False, rounds))
-            except BaseException:
-                traceback.print_exc()
-                code = 1
-            finally:
-                os._exit(code)
-        try:
-            elapsed = run_on(kind, _run_side(contender, True, rounds))
-        except BaseException:
-            os.kill(pid, signal.SIGKILL)
-            raise
-        finally:
-            _, status = os.waitpid(pid, 0)
-        if os.waitstatus_to_exitcode(status) != 0:
-            raise RuntimeError(f"benchmark child failed (status {status})")
-    finally:
-        contender.close()
-    return elapsed / rounds * 1e6
 
 
 # -- 2. waking many tasks at once --------------------------------------------------------
