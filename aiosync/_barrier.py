@@ -33,15 +33,13 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import threading
 import time
-import warnings
 from collections.abc import Callable
-from types import TracebackType
 from typing import Any, Final, Self
 
 from . import _fd, _share
 from ._errors import ClosedResourceError
+from ._resource import Resource
 
 __all__ = ["Barrier", "Role"]
 
@@ -56,7 +54,7 @@ class Role(enum.Enum):
 
 
 @_share.shareable
-class Barrier:
+class Barrier(Resource):
     """A two-party barrier between a parent process and its child.
 
     Use it when two processes must wait on each other: "don't exec until the parent
@@ -83,7 +81,6 @@ class Barrier:
         self._barriers = 0
         self._i_aborted = False
         self._they_aborted = False
-        self._blockers: dict[int, int] = {}  # thread -> wake eventfd of its blocking twin
         self._me = self._them = self._pipe_r = self._pipe_w = -1
         self._me = _fd.eventfd()
         try:
@@ -103,7 +100,6 @@ class Barrier:
         self._role = None
         self._barriers = 0
         self._i_aborted = self._they_aborted = False
-        self._blockers = {}
         self._me, self._them, self._pipe_r, self._pipe_w = me, them, pipe_r, pipe_w
         return self
 
@@ -315,38 +311,24 @@ class Barrier:
     def _block_until(self, done: Callable[[], bool], timeout: float | None) -> None:
         _no_running_loop()
         deadline = None if timeout is None else time.monotonic() + timeout
-        me = threading.get_ident()
-        wake = -1
+        queue = self._waitq
         try:
             while True:
-                with self._waitq.lock:
+                with queue.lock:
                     if self._closed:  # by another thread, which woke us
                         raise _closed_error()
                     self._pump(lambda: not done())
                     if done():
                         return
-                    if wake < 0:
-                        # Another thread may change the state while this one polls (a
-                        # loop's reader or another twin drains `them`; abort(); close()):
-                        # it writes to this eventfd (see _wake), so no wake-up is lost.
-                        wake = self._blockers[me] = _fd.eventfd()
-                    fds = (self._them, self._pipe_end, wake)
+                    fds = (self._them, self._pipe_end)
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError("the barrier wait timed out")
-                if _fd.wait_readable(fds, remaining):
-                    _fd.read_eventfd(wake)
+                # Also woken when another thread changes the state (a loop's reader or
+                # another twin drains `them`; abort(); close()): see _wake.
+                queue.block(fds, remaining)
         finally:
-            if wake >= 0:
-                with self._waitq.lock:
-                    del self._blockers[me]
-                _fd.close(wake)
-
-    def _wake_blockers(self) -> None:
-        me = threading.get_ident()
-        for thread, wake in self._blockers.items():
-            if thread != me:
-                _fd.write_eventfd(wake, 1)
+            queue.unblock()
 
     # -- the read loop (runs with the lock held) --------------------------------------
 
@@ -393,9 +375,9 @@ class Barrier:
 
     def _wake(self) -> None:
         """Release every waiter whose condition holds, with its result as of now."""
-        if self._blockers:
-            self._wake_blockers()
         queue = self._waitq
+        if queue.blockers:
+            queue.wake_blockers()
         if not queue.waiting:
             return
         aborted = self._i_aborted or self._they_aborted
@@ -468,7 +450,6 @@ class Barrier:
         self._closed = True
         with self._waitq.lock:  # not while another thread's read loop uses them
             fds = self._take_fds()
-            self._wake_blockers()
         self._waitq.close(fds, _closed_error)
 
     def _take_fds(self) -> list[int]:
@@ -479,28 +460,6 @@ class Barrier:
     def _release_fds(self) -> None:
         for fd in self._take_fds():
             _fd.close(fd)
-
-    def __enter__(self) -> Self:
-        self._check_open()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        if getattr(self, "_closed", True):
-            return
-        warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self, stacklevel=1)
-        self.close()
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise ClosedResourceError("this Barrier was closed")
 
     def _check_ready(self) -> None:
         if self._role is None:

@@ -42,18 +42,17 @@ import asyncio
 import select
 import threading
 import time
-import warnings
-from types import TracebackType
 from typing import Any, Self
 
 from . import _fd, _share
 from ._errors import ClosedResourceError
+from ._resource import Resource
 
 __all__ = ["Completion"]
 
 
 @_share.shareable
-class Completion:
+class Completion(Resource):
     """A counted "this happened" signal between tasks, threads and processes.
 
     Use it when one side must tell another that something is done, any number of
@@ -70,7 +69,6 @@ class Completion:
     def __init__(self) -> None:
         self._closed = True  # until every fd exists, for __del__
         self._pollers = threading.local()
-        self._blockers: dict[int, int] = {}  # thread -> wake eventfd of its wait_blocking()
         self._waitq: _fd.WaitQueue[bool] = _fd.WaitQueue(self)
         self._count = self._all = -1
         self._count = _fd.eventfd(semaphore=True)
@@ -86,7 +84,6 @@ class Completion:
     def _adopt(cls, count: int, all_: int) -> Self:
         self = cls.__new__(cls)
         self._pollers = threading.local()
-        self._blockers = {}
         self._waitq = _fd.WaitQueue(self)
         self._count, self._all = count, all_
         self._waitq.watch(count, all_)
@@ -146,28 +143,18 @@ class Completion:
         self._check_open()
         _no_running_loop()
         deadline = None if timeout is None else time.monotonic() + timeout
-        me = threading.get_ident()
-        wake = -1
+        queue = self._waitq
         try:
-            while not self.try_wait():
+            while not self.try_wait():  # raises ClosedResourceError once closed
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
-                with self._waitq.lock:
-                    self._check_open()
-                    if wake < 0:
-                        # close() in another thread does not end a poll() of these fds:
-                        # it writes to this eventfd instead (see close()).
-                        wake = self._blockers[me] = _fd.eventfd()
-                    fds = (self._count, self._all, wake)
-                _fd.wait_readable(fds, remaining)
-                _fd.read_eventfd(wake)  # a stray wake-up (e.g. a forked copy's close())
+                # close() in another thread does not end a poll() of these fds; the
+                # queue wakes this thread instead.
+                queue.block((self._count, self._all), remaining)
             return True
         finally:
-            if wake >= 0:
-                with self._waitq.lock:
-                    del self._blockers[me]
-                _fd.close(wake)
+            queue.unblock()
 
     def reinit(self) -> None:
         """Back to "nothing completed": drop pending completions and the all-done state.
@@ -262,33 +249,10 @@ class Completion:
         with self._waitq.lock:
             fds = [self._count, self._all]
             self._count = self._all = -1
-            for wake in self._blockers.values():  # wake the threads in wait_blocking()
-                _fd.write_eventfd(wake, 1)
         self._waitq.close(fds, _closed_error)
 
-    def __enter__(self) -> Self:
-        self._check_open()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        if getattr(self, "_closed", True):
-            return
-        # Not repr(): it reads /proc, which fails while the interpreter shuts down.
-        what = f"<aiosync.Completion fds={self._count},{self._all}>"
-        warnings.warn(f"unclosed {what}", ResourceWarning, source=self, stacklevel=1)
-        self.close()
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise ClosedResourceError("this Completion was closed")
+    def _unclosed_description(self) -> str:
+        return f"<aiosync.Completion fds={self._count},{self._all}>"
 
     def __repr__(self) -> str:
         if self._closed:

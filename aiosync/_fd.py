@@ -317,7 +317,16 @@ class WaitQueue(Generic[T]):
     can never slip between the two), then awaits `wait`.
     """
 
-    __slots__ = ("__weakref__", "_closing", "_fds", "_owner", "_slots", "lock", "waiting")
+    __slots__ = (
+        "__weakref__",
+        "_closing",
+        "_fds",
+        "_owner",
+        "_slots",
+        "blockers",
+        "lock",
+        "waiting",
+    )
 
     def __init__(self, owner: Owner) -> None:
         self.lock = threading.Lock()
@@ -326,6 +335,7 @@ class WaitQueue(Generic[T]):
         self._slots: dict[asyncio.AbstractEventLoop, LoopSlot[T]] = {}
         self._closing = False
         self.waiting = 0  # pending waiters over all loops
+        self.blockers: dict[int, int] = {}  # thread -> wake eventfd of its blocking wait
         _queues.add(self)
 
     # -- setup ------------------------------------------------------------------------
@@ -449,6 +459,40 @@ class WaitQueue(Generic[T]):
             except RuntimeError:
                 pass
 
+    # -- threads waiting without a loop (the blocking twins) ---------------------------
+
+    def block(self, fds: tuple[int, ...], timeout: float | None) -> None:
+        """Sleep in this thread until one of `fds` is readable, another thread calls
+        `wake_blockers` (or `close`), or `timeout` seconds pass. Call without ``lock``;
+        the caller re-checks its condition afterwards, and calls `unblock` when done.
+
+        A change another thread makes to the state without touching `fds` (it drained
+        them for a loop's waiters, aborted, closed) reaches this thread through its own
+        wake eventfd. The first call only registers that eventfd and returns at once,
+        so a change made since the caller's check is not missed.
+        """
+        me = threading.get_ident()
+        with self.lock:
+            wake = self.blockers.get(me)
+            if wake is None:
+                self.blockers[me] = eventfd()
+                return
+        wait_readable((*fds, wake), timeout)
+        read_eventfd(wake)
+
+    def unblock(self) -> None:
+        """This thread's blocking wait is over: close its wake eventfd, if it has one."""
+        with self.lock:
+            wake = self.blockers.pop(threading.get_ident(), -1)
+        close(wake)
+
+    def wake_blockers(self) -> None:
+        """Wake every other thread sleeping in `block`. Call with ``lock`` held."""
+        me = threading.get_ident()
+        for thread, wake in self.blockers.items():
+            if thread != me:
+                write_eventfd(wake, 1)
+
     # -- registrations ----------------------------------------------------------------
 
     def _new_slot(self, loop: asyncio.AbstractEventLoop) -> LoopSlot[T]:
@@ -485,7 +529,8 @@ class WaitQueue(Generic[T]):
     # -- closing ----------------------------------------------------------------------
 
     def close(self, fds: Iterable[int], exc: Callable[[], BaseException]) -> None:
-        """Fail every waiter with ``exc()``, drop all registrations, then close `fds`.
+        """Fail every waiter with ``exc()``, wake blocked threads, drop all registrations,
+        then close `fds`.
 
         Registrations of a loop running in another thread are removed in that thread;
         the fds are closed after the last of them (SPEC §5.2).
@@ -495,6 +540,7 @@ class WaitQueue(Generic[T]):
         remote: list[LoopSlot[T]] = []
         with self.lock:
             self._closing = True
+            self.wake_blockers()
             for slot in self._slots.values():
                 for waiter in list(slot.waiters):
                     if waiter.state == PENDING:
@@ -530,6 +576,9 @@ class WaitQueue(Generic[T]):
         self.lock = threading.Lock()
         self._slots = {}
         self.waiting = 0
+        for wake in self.blockers.values():  # the parent's threads are not here
+            close(wake)
+        self.blockers = {}
 
     def _owner_give_back(self, result: T) -> None:
         owner = self._owner()

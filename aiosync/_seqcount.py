@@ -51,7 +51,6 @@ import os
 import struct
 import threading
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -64,6 +63,7 @@ from ._errors import (
     ClosedResourceError,
     SharingError,
 )
+from ._resource import Resource
 
 __all__ = ["Backoff", "SeqCount", "SeqRecord"]
 
@@ -331,7 +331,7 @@ class _WriteSection:
 
 
 @_share.shareable
-class SeqCount(_seqc.Counter):
+class SeqCount(_seqc.Counter, Resource):
     """A FreeBSD seqc(9) sequence counter in shared memory, for asyncio readers.
 
     Use it when one process updates data in shared memory (a `mmap`, a
@@ -565,25 +565,8 @@ class SeqCount(_seqc.Counter):
         if self._owns and self._memory is not None:
             self._memory.close()
 
-    def __enter__(self) -> Self:
-        if self._closed:
-            raise ClosedResourceError("this SeqCount was closed")
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        if getattr(self, "_closed", True):
-            return
-        if self._memory is None or self._owns:  # a record's own SeqCount goes with it
-            warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self, stacklevel=1)
-        self.close()
+    def _warns_unclosed(self) -> bool:
+        return self._memory is None or self._owns  # a record's own SeqCount goes with it
 
     def __repr__(self) -> str:
         if getattr(self, "_closed", True):
@@ -606,7 +589,7 @@ def _closed_pack(*values: Any) -> NoReturn:
 
 
 @_share.shareable
-class SeqRecord(_seqc.Record):
+class SeqRecord(_seqc.Record, Resource):
     """A typed record in shared memory that one process writes and many read.
 
     Use it to publish a small, frequently changing state (a configuration, counters,
@@ -801,25 +784,6 @@ class SeqRecord(_seqc.Record):
             self._view = None
         self._release()
         self._memory.close()
-
-    def __enter__(self) -> Self:
-        if self._closed:
-            raise ClosedResourceError("this SeqRecord was closed")
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        if getattr(self, "_closed", True):
-            return
-        warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self, stacklevel=1)
-        self.close()
 
     def __repr__(self) -> str:
         latch = ", latch=True" if getattr(self, "_latch", False) else ""

@@ -56,7 +56,7 @@ def sides() -> Iterator[tuple[Barrier, Barrier]]:
     yield p, c
     c.close()
     p.close()
-    assert p._blockers == {}
+    assert p._waitq.blockers == {}
     assert eventfds() == before  # the twins' wake eventfds are closed
 
 
@@ -219,7 +219,7 @@ def test_twin_still_times_out_and_cleans_up(sides: tuple[Barrier, Barrier]) -> N
     for _ in range(3):
         with pytest.raises(TimeoutError):
             p.sync_blocking(timeout=0.01)
-        assert p._blockers == {}
+        assert p._waitq.blockers == {}
     assert c.place()
     assert p.sync_blocking(timeout=SOON) is True
 
