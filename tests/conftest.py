@@ -136,6 +136,63 @@ class Handshake:
         self._b.close()
 
 
+class ForkedChild:
+    """`fn()` in a forked child, which exits right after it; its failure fails the test.
+
+    Fork before any loop runs in this thread (SPEC §5.7).
+    """
+
+    def __init__(self, fn: Callable[[], object]) -> None:
+        self._report_r, report_w = os.pipe()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.pid = os.fork()
+        if self.pid == 0:  # pragma: no cover - runs in the child
+            code = 0
+            try:
+                os.close(self._report_r)
+                fn()
+            except BaseException:
+                os.write(report_w, traceback.format_exc().encode())
+                code = 1
+            os._exit(code)
+        os.close(report_w)
+        self.status: int | None = None
+
+    def kill(self) -> None:
+        os.kill(self.pid, signal.SIGKILL)
+
+    def kill_and_confirm(self) -> None:
+        """SIGKILL the child and return once it is dead (its fds closed), without reaping."""
+        self.kill()
+        info = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOWAIT)
+        assert info is not None
+        assert info.si_pid == self.pid
+
+    def join(self, *, killed: bool = False) -> None:
+        """Reap the child; fail the test if it failed (or, with `killed`, was not killed)."""
+        if self.status is not None:
+            return
+        _, self.status = os.waitpid(self.pid, 0)
+        with os.fdopen(self._report_r, "rb") as f:
+            report = f.read().decode()
+        code = os.waitstatus_to_exitcode(self.status)
+        if killed:
+            assert code == -signal.SIGKILL, f"child exit {code}:\n{report}"
+        elif report or code != 0:
+            pytest.fail(f"child {self.pid} failed (exit {code}):\n{report}")
+
+    def reap(self) -> None:
+        """Make sure the child is gone (after a failure elsewhere), quietly."""
+        if self.status is None:
+            try:
+                self.kill()
+            except ProcessLookupError:  # pragma: no cover
+                pass
+            _, self.status = os.waitpid(self.pid, 0)
+            os.close(self._report_r)
+
+
 Side = Callable[[Barrier, Handshake], Coroutine[Any, Any, None]]
 
 

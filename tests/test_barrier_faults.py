@@ -12,16 +12,13 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
-import signal
-import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
-from conftest import SOON, Handshake, loop_kind, run_on, soon
+from conftest import SOON, ForkedChild, Handshake, loop_kind, run_on, soon
 
 from aiosync import Barrier, ClosedResourceError, Role
 
@@ -30,53 +27,7 @@ EVENTFD_MAX = 0xFFFF_FFFF_FFFF_FFFE  # the largest value an eventfd counter hold
 INT64_MAX = 0x7FFF_FFFF_FFFF_FFFF
 
 
-class Proc:
-    """`fn()` in a forked child, which exits right after it; its failure fails the test."""
-
-    def __init__(self, fn: Callable[[], object]) -> None:
-        self._report_r, report_w = os.pipe()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        self.pid = os.fork()
-        if self.pid == 0:  # pragma: no cover - runs in the child
-            code = 0
-            try:
-                os.close(self._report_r)
-                fn()
-            except BaseException:
-                os.write(report_w, traceback.format_exc().encode())
-                code = 1
-            os._exit(code)
-        os.close(report_w)
-        self._status: int | None = None
-
-    def kill_and_confirm(self) -> None:
-        """SIGKILL the child and return once it is dead (its fds closed), without reaping."""
-        os.kill(self.pid, signal.SIGKILL)
-        info = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOWAIT)
-        assert info is not None
-        assert info.si_pid == self.pid
-
-    def join(self, *, killed: bool = False) -> None:
-        if self._status is None:
-            _, self._status = os.waitpid(self.pid, 0)
-            with os.fdopen(self._report_r, "rb") as f:
-                report = f.read().decode()
-            code = os.waitstatus_to_exitcode(self._status)
-            if killed:
-                assert code == -signal.SIGKILL, f"child exit {code}:\n{report}"
-            elif report or code != 0:
-                pytest.fail(f"child {self.pid} failed (exit {code}):\n{report}")
-
-    def reap(self) -> None:
-        """Make sure the child is gone (after a failure elsewhere), quietly."""
-        if self._status is None:
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:  # pragma: no cover
-                pass
-            _, self._status = os.waitpid(self.pid, 0)
-            os.close(self._report_r)
+Proc = ForkedChild
 
 
 def idle_child(b: Barrier, hs: Handshake, *, places: int = 0) -> Callable[[], None]:

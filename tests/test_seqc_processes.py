@@ -12,16 +12,13 @@ import json
 import mmap
 import multiprocessing
 import os
-import signal
 import struct
-import sys
 import time
-import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import PYTHON, assert_blocks, run_on, soon
+from conftest import PYTHON, ForkedChild, assert_blocks, run_on, soon
 
 import aiosync
 from aiosync import (
@@ -40,43 +37,7 @@ FAST = SeqCount.Backoff(yields=1, first=0.001, cap=0.002, check_writer_after=0.0
 # ---------------------------------------------------------------------------------------
 
 
-class Child:
-    """`fn()` in a forked child; its exception fails the test with its traceback."""
-
-    def __init__(self, fn: Callable[[], object]) -> None:
-        self._report_r, report_w = os.pipe()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        self.pid = os.fork()
-        if self.pid == 0:  # pragma: no cover - runs in the child
-            code = 0
-            try:
-                os.close(self._report_r)
-                fn()
-            except BaseException:
-                os.write(report_w, traceback.format_exc().encode())
-                code = 1
-            os._exit(code)
-        os.close(report_w)
-        self.status: int | None = None
-        self._report = ""
-
-    def kill(self) -> None:
-        os.kill(self.pid, signal.SIGKILL)
-
-    def join(self, *, killed: bool = False) -> None:
-        if self.status is None:
-            _, self.status = os.waitpid(self.pid, 0)
-        if self._report_r >= 0:
-            with os.fdopen(self._report_r, "rb") as f:
-                self._report = f.read().decode()
-            self._report_r = -1
-        report = self._report
-        code = os.waitstatus_to_exitcode(self.status)
-        if killed:
-            assert code == -signal.SIGKILL
-        elif report or code != 0:
-            pytest.fail(f"child {self.pid} failed (exit {code}):\n{report}")
+Child = ForkedChild
 
 
 class Pipe:
