@@ -16,10 +16,16 @@ $(VENV)/.installed: $(PY) $(BUILD_INPUTS)
 	$(PY) -m pip install --quiet -e .
 	touch $@
 
-# The package with its test extras (pytest, uvloop, hypothesis, mypy, ruff).
+# The package with its test and docs extras (pytest, uvloop, hypothesis, mypy, ruff,
+# mkdocs).
 $(VENV)/.installed-test: $(PY) $(BUILD_INPUTS)
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,docs]'
 	touch $@ $(VENV)/.installed
+
+# Everything, plus matplotlib for the benchmark chart.
+$(VENV)/.installed-bench: $(VENV)/.installed-test
+	$(PY) -m pip install --quiet -e '.[test,docs,bench]'
+	touch $@
 
 demo: $(VENV)/.installed
 	$(PY) examples/barrier_subprocess.py
@@ -29,10 +35,10 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff format --check aiosync tests examples benchmarks docs/check.py
 	$(BIN)/mypy
 
-test: lint
+test: lint docs
 	$(BIN)/pytest
 
-bench: $(VENV)/.installed-test
+bench: $(VENV)/.installed-bench
 	$(PY) -m benchmarks
 
 docs: $(VENV)/.installed-test
