@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import os
 import time
 from collections.abc import Callable
 from typing import Any, Final, Self
@@ -81,6 +82,8 @@ class Barrier(Resource):
         self._barriers = 0
         self._i_aborted = False
         self._they_aborted = False
+        self._peer_exited = False
+        self._peer_pid: int | None = None
         self._me = self._them = self._pipe_r = self._pipe_w = -1
         self._me = _fd.eventfd()
         try:
@@ -99,7 +102,8 @@ class Barrier(Resource):
         self._waitq = _fd.WaitQueue(self)
         self._role = None
         self._barriers = 0
-        self._i_aborted = self._they_aborted = False
+        self._i_aborted = self._they_aborted = self._peer_exited = False
+        self._peer_pid = None
         self._me, self._them, self._pipe_r, self._pipe_w = me, them, pipe_r, pipe_w
         return self
 
@@ -133,6 +137,17 @@ class Barrier(Resource):
         """This side's role, or None before `set_role`."""
         return self._role
 
+    @property
+    def peer_pid(self) -> int | None:
+        """The pid of the process on the other side, when this side knows it.
+
+        Known in a parent that started the child with
+        ``aiosync.create_subprocess_exec(share=...)`` (or told a `BarrierGroup` with
+        ``attach``), and in a child that got the barrier from `aiosync.inherited()` (its
+        parent). None otherwise.
+        """
+        return self._peer_pid
+
     # -- abort state ------------------------------------------------------------------
 
     @property
@@ -149,6 +164,15 @@ class Barrier(Resource):
     def they_aborted(self) -> bool:
         """The peer aborted or exited, as seen by a wait of this side."""
         return self._they_aborted
+
+    @property
+    def peer_exited(self) -> bool:
+        """The peer exited (or was killed) without aborting, as seen by a wait of this side.
+
+        Implies `they_aborted`: an exit counts as an abort. False when the peer called
+        `abort()` before it went away.
+        """
+        return self._peer_exited
 
     @property
     def both_aborted(self) -> bool:
@@ -246,26 +270,40 @@ class Barrier(Resource):
         Returns True if only the peer aborted, False if this side aborted as well.
         """
         self._check_ready()
-        queue = self._waitq
-        with queue.lock:
-            if self._they_aborted:
-                return not self._i_aborted
-            waiter = queue.park(None)
-        return await queue.wait(waiter)
+        started = self._start_wait_abortion()
+        if type(started) is bool:
+            return started
+        return await self._waitq.wait(started)
 
     async def _read(self, threshold: int) -> bool:
+        started = self._start_read(threshold)
+        if type(started) is bool:
+            return started
+        try:  # queue.wait(waiter), inlined: one coroutine frame less per wait
+            return await started.future
+        except BaseException:
+            self._waitq._abandon(started)
+            raise
+
+    # The first half of a wait: the result at once, or a waiter parked on the queue
+    # (which the caller awaits, and abandons if it stops waiting). BarrierGroup parks
+    # one per member and awaits them together.
+
+    def _start_read(self, threshold: int) -> bool | _fd.Waiter[bool]:
         queue = self._waitq
         with queue.lock:
             if self._i_aborted or self._they_aborted:
                 return False
             if self._barriers <= threshold:
                 return True
-            waiter = queue.park(threshold)
-        try:  # queue.wait(waiter), inlined: one coroutine frame less per wait
-            return await waiter.future
-        except BaseException:
-            queue._abandon(waiter)
-            raise
+            return queue.park(threshold)
+
+    def _start_wait_abortion(self) -> bool | _fd.Waiter[bool]:
+        queue = self._waitq
+        with queue.lock:
+            if self._they_aborted:
+                return not self._i_aborted
+            return queue.park(None)
 
     # -- blocking twins ---------------------------------------------------------------
 
@@ -363,7 +401,10 @@ class Barrier(Resource):
                     return
                 # The peer is gone. What it placed before exiting comes first; read once
                 # more, as a last write may have raced the poll.
-                value = _fd.read_eventfd(self._them) or ABORTION
+                value = _fd.read_eventfd(self._them)
+                if not value:
+                    value = ABORTION
+                    self._peer_exited = True
             self._apply(value)
             self._wake()
 
@@ -407,8 +448,9 @@ class Barrier(Resource):
             return {"role": Role.CHILD.name}, fds
         return {"role": None}, {**fds, "pipe_r": self._pipe_r}
 
-    def _after_share(self) -> None:
+    def _after_share(self, pid: int) -> None:
         self.set_role(Role.PARENT)
+        self._peer_pid = pid
 
     @classmethod
     def _unshare(cls, state: dict[str, Any], fds: dict[str, int], name: str) -> Self:
@@ -430,8 +472,9 @@ class Barrier(Resource):
             if fd >= 0:
                 _fd.own(fd)
         self = cls._adopt(me, them, pipe_r, pipe_w)
-        if role is not None:
+        if role is not None:  # a child of create_subprocess_exec: the peer is its parent
             self.set_role(Role.CHILD)
+            self._peer_pid = os.getppid()
         return self
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -480,7 +523,8 @@ class Barrier(Resource):
             aborted = "they"
         else:
             aborted = "no"
-        return f"<aiosync.Barrier role={role} barriers={self._barriers} aborted={aborted}>"
+        peer = "" if self._peer_pid is None else f" peer={self._peer_pid}"
+        return f"<aiosync.Barrier role={role}{peer} barriers={self._barriers} aborted={aborted}>"
 
 
 def _closed_error() -> ClosedResourceError:

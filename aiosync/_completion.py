@@ -222,7 +222,7 @@ class Completion(Resource):
         self._check_open()
         return {}, {"count": self._count, "all": self._all}
 
-    def _after_share(self) -> None:
+    def _after_share(self, pid: int) -> None:
         pass
 
     @classmethod

@@ -516,7 +516,7 @@ class SeqCount(_seqc.Counter, Resource):
         state = {"offset": self._offset, "size": size, "copies": copies}
         return state, {"memfd": self._memory.fd}
 
-    def _after_share(self) -> None:
+    def _after_share(self, pid: int) -> None:
         pass
 
     @classmethod
@@ -738,7 +738,7 @@ class SeqRecord(_seqc.Record, Resource):
             raise ClosedResourceError("this SeqRecord was closed")
         return {"format": self._format, "latch": self._latch}, {"memfd": self._memory.fd}
 
-    def _after_share(self) -> None:
+    def _after_share(self, pid: int) -> None:
         pass
 
     @classmethod

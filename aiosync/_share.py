@@ -15,8 +15,8 @@ Each shareable type (registered with `shareable`) provides:
 * ``_share(for_exec) -> (state, fds)``: what the other process needs. ``for_exec`` is
   True for `create_subprocess_exec` (the child's side of the object) and False for
   pickling into a multiprocessing child (the whole object).
-* ``_after_share()``: run in the parent after the child started (Barrier takes the
-  PARENT role there, closing the child's pipe end).
+* ``_after_share(pid)``: run in the parent after the child `pid` started (Barrier takes
+  the PARENT role there, closing the child's pipe end, and remembers the pid).
 * ``_unshare(state, fds, name)`` (classmethod): rebuild from an untrusted description,
   raising `SharingError` for anything wrong.
 
@@ -47,7 +47,7 @@ FORMAT = 1
 class Shareable(Protocol):
     def _share(self, for_exec: bool) -> tuple[dict[str, Any], dict[str, int]]: ...
 
-    def _after_share(self) -> None: ...
+    def _after_share(self, pid: int) -> None: ...
 
     @classmethod
     def _unshare(cls, state: dict[str, Any], fds: dict[str, int], name: str) -> Self: ...
@@ -133,7 +133,7 @@ async def create_subprocess_exec(
         # uvloop leaves passed fds inheritable; a later child must not get them.
         _fd.own(fd)
     for obj in share.values():
-        obj._after_share()  # type: ignore[attr-defined]
+        obj._after_share(proc.pid)  # type: ignore[attr-defined]
     return proc
 
 

@@ -392,6 +392,8 @@ def test_barrier_placed_before_kill_is_consumed_first(kind: str) -> None:
         assert repr(b) == "<aiosync.Barrier role=PARENT barriers=0 aborted=no>"
         assert await soon(b.wait_next()) is False  # and now the death
         assert b.they_aborted
+        assert b.peer_exited
+        assert b.peer_pid is None  # forked by hand: nobody told it the pid
         assert await soon(b.wait_abortion()) is True
 
     try:

@@ -79,7 +79,9 @@ async def test_child_killed_mid_wait(child_kind: str) -> None:
             await finish(proc, -9)  # dead, fds closed: the clock starts now
         async with asyncio.timeout(DEADLINE):
             assert await asyncio.gather(*tasks) == [False, True]
-        assert repr(b) == "<aiosync.Barrier role=PARENT barriers=1 aborted=they>"
+        assert b.peer_pid == proc.pid
+        assert b.peer_exited  # killed, not aborted
+        assert repr(b) == f"<aiosync.Barrier role=PARENT peer={proc.pid} barriers=1 aborted=they>"
 
 
 async def test_child_without_a_loop_uses_the_blocking_twins() -> None:
@@ -93,7 +95,8 @@ async def test_child_without_a_loop_uses_the_blocking_twins() -> None:
         assert await line(proc) == "done"
         assert await soon(b.wait_abortion()) is True
         await finish(proc)
-        assert repr(b) == "<aiosync.Barrier role=PARENT barriers=1 aborted=they>"
+        assert b.peer_exited  # it exited without aborting
+        assert repr(b) == f"<aiosync.Barrier role=PARENT peer={proc.pid} barriers=1 aborted=they>"
 
 
 async def test_child_whose_setup_fails_aborts() -> None:
@@ -106,13 +109,18 @@ async def test_child_whose_setup_fails_aborts() -> None:
         assert not b.i_aborted
         assert await soon(b.wait_abortion()) is True
         await finish(proc, 3)
+        assert not b.peer_exited  # it aborted, then exited: an abort
 
 
 async def test_inherited_twice_returns_the_same_objects_and_clears_the_env() -> None:
     with Barrier() as b:
         proc = await start(b, "twice")
         report = json.loads(await line(proc))
-        assert report == {"names": ["gate"], "inheritable": [False, False, False]}
+        assert report == {
+            "names": ["gate"],
+            "inheritable": [False, False, False],
+            "peer": os.getpid(),
+        }
         await finish(proc)
 
 

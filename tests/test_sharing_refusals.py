@@ -58,7 +58,7 @@ async def test_one_object_under_two_names_is_refused_before_the_start() -> None:
         assert all(fd >= 0 and not os.get_inheritable(fd) for fd in fds)
         # It can still be shared (once), and works.
         proc = await aiosync.create_subprocess_exec(PYTHON, "-c", SYNC_ONCE, share={"gate": b})
-        assert repr(b) == "<aiosync.Barrier role=PARENT barriers=0 aborted=no>"
+        assert repr(b) == f"<aiosync.Barrier role=PARENT peer={proc.pid} barriers=0 aborted=no>"
         assert await soon(b.place_and_sync()) is True
         assert await soon(proc.wait()) == 0
 

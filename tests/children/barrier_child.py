@@ -112,7 +112,8 @@ def twice() -> None:
     b = gate()
     assert b is first["gate"]
     fds = [b._me, b._them, b._pipe_w]
-    say(json.dumps({"names": sorted(first), "inheritable": [os.get_inheritable(f) for f in fds]}))
+    inheritable = [os.get_inheritable(f) for f in fds]
+    say(json.dumps({"names": sorted(first), "inheritable": inheritable, "peer": b.peer_pid}))
     b.close()
 
 
