@@ -21,16 +21,19 @@ from ._errors import (
     SharingError,
     WouldBlock,
 )
+from ._group import BarrierGroup, GroupResult
 from ._seqcount import SeqCount, SeqRecord
 from ._share import create_subprocess_exec, inherited
 
 __all__ = [
     "AiosyncError",
     "Barrier",
+    "BarrierGroup",
     "BrokenResourceError",
     "BusyResourceError",
     "ClosedResourceError",
     "Completion",
+    "GroupResult",
     "Role",
     "SeqCount",
     "SeqRecord",

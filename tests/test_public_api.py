@@ -12,10 +12,12 @@ def test_public_names() -> None:
         [
             "AiosyncError",
             "Barrier",
+            "BarrierGroup",
             "BrokenResourceError",
             "BusyResourceError",
             "ClosedResourceError",
             "Completion",
+            "GroupResult",
             "Role",
             "SeqCount",
             "SeqRecord",

@@ -1,0 +1,324 @@
+"""One parent, many children: a group of two-party Barriers, one per child.
+
+Theory of operation
+-------------------
+systemd's barrier has exactly two parties, and a group does not change that: it is N
+`Barrier` objects, member ``i`` shared with child ``i`` (who sees a plain Barrier),
+plus the pid of each child. Its calls are the Barrier calls applied to every member:
+
+* ``place()`` and ``abort()`` place or abort on every member; they never block.
+* ``sync()`` starts a sync on every member. A member that needs no wait answers at
+  once, without I/O, exactly as `Barrier.sync` would; for each of the others a waiter
+  is parked on that member's `WaitQueue` (the very waiter its own ``sync()`` would
+  park, released by its own read loop), and the group awaits those futures together:
+  no task per child.
+* Each member's outcome comes from its own result and state: True is *synced*; False
+  with `Barrier.peer_exited` is *died* (the child exited or was killed without
+  aborting); any other False is *aborted* (the child aborted, or this side did).
+* ``wait_abortion()`` parks a ``wait_abortion()`` waiter on every member and returns
+  at the first release, naming every child known by then to have aborted or died.
+
+Invariants: the group owns its members (closing it closes them); a member's state is
+only ever changed by that member's own code, so everything the Barrier guarantees
+(values applied before anyone is released, nothing lost to a cancellation) holds per
+member. A cancelled or failed group wait abandons every waiter it parked, as a
+cancelled ``Barrier.sync()`` abandons its own: whatever the members read stays counted.
+
+Departures: systemd has no group. ``sync(abort_on_failure=True)`` aborts the whole
+group as soon as one child aborts or dies, which releases the other members' syncs
+with False (a Barrier's own abort releases its own syncs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from . import _fd
+from ._barrier import Barrier, Role
+from ._resource import Resource
+
+__all__ = ["BarrierGroup", "GroupResult"]
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupResult:
+    """What a `BarrierGroup` wait found out, child by child (by pid, in group order).
+
+    True in a boolean context when no child aborted or died (``ok``). After
+    `BarrierGroup.sync`, every child is in exactly one of the three tuples; after
+    `BarrierGroup.wait_abortion`, ``synced`` is empty and the others name the children
+    known by then to have aborted or died.
+    """
+
+    synced: tuple[int, ...] = ()
+    """Children whose sync succeeded."""
+    aborted: tuple[int, ...] = ()
+    """Children whose barrier is aborted: by the child, or by this side."""
+    died: tuple[int, ...] = ()
+    """Children that exited or were killed without aborting (before syncing)."""
+
+    @property
+    def ok(self) -> bool:
+        """No child aborted or died."""
+        return not (self.aborted or self.died)
+
+    @property
+    def failed(self) -> tuple[int, ...]:
+        """Children that aborted or died."""
+        return self.aborted + self.died
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+class BarrierGroup(Resource):
+    """A parent's barriers with its N children, synced, aborted and watched as one.
+
+    Use it when a parent starts several workers and must wait until every one of them
+    is ready (or learn at once which one failed). Create the group, share member ``i``
+    with child ``i``, then place and sync with all of them at once::
+
+        group = aiosync.BarrierGroup(4)
+        procs = [
+            await aiosync.create_subprocess_exec(
+                sys.executable, "worker.py", share={"gate": gate}
+            )
+            for gate in group
+        ]
+        result = await group.place_and_sync()
+        if not result:
+            group.abort()  # the others stop too; result.died / result.aborted say who
+
+    Each child uses the plain `Barrier` it inherited. The group learns each child's
+    pid from `aiosync.create_subprocess_exec`; for children started otherwise (fork,
+    multiprocessing) call `attach` with the pid.
+
+    Waits follow `Barrier`: nothing blocks the loop, timeouts are the caller's
+    (``async with asyncio.timeout(...)``), and a cancelled wait loses nothing (every
+    member keeps what it read). A child that dies, or is killed, releases its member's
+    waits at once: it shows up in ``died``.
+    """
+
+    def __init__(self, n: int) -> None:
+        self._closed = True  # until every member exists, for __del__
+        if not isinstance(n, int) or isinstance(n, bool):
+            raise TypeError(f"the number of children must be an int, not {n!r}")
+        if n < 1:
+            raise ValueError(f"a BarrierGroup needs at least one child, not {n}")
+        barriers: list[Barrier] = []
+        try:
+            for _ in range(n):
+                barriers.append(Barrier())
+        except BaseException:
+            for barrier in barriers:
+                barrier.close()
+            raise
+        self._barriers = tuple(barriers)
+        self._closed = False
+
+    # -- the members ------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._barriers)
+
+    def __getitem__(self, index: int) -> Barrier:
+        """Member ``index``: the Barrier to share with child ``index``."""
+        return self._barriers[index]
+
+    def __iter__(self) -> Iterator[Barrier]:
+        return iter(self._barriers)
+
+    @property
+    def pids(self) -> tuple[int | None, ...]:
+        """Each member's child pid, in group order (None while unknown)."""
+        return tuple(b.peer_pid for b in self._barriers)
+
+    def attach(self, index: int, pid: int) -> None:
+        """Tell the group that process `pid` holds the other side of member `index`.
+
+        Only for children not started by `aiosync.create_subprocess_exec` (which does
+        this itself): after ``os.fork()`` or ``multiprocessing.Process.start()``. Sets
+        the member's role to PARENT if it is not set yet.
+        """
+        self._check_open()
+        if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+            raise ValueError(f"pid must be a positive int, not {pid!r}")
+        barrier = self._barriers[index]
+        if barrier.role is None:
+            barrier.set_role(Role.PARENT)
+        elif barrier.role is not Role.PARENT:
+            raise RuntimeError(f"member {index} is the CHILD side; a group is the parent's")
+        barrier._peer_pid = pid
+
+    # -- placing and aborting (never block) -------------------------------------------
+
+    def place(self) -> bool:
+        """Place a barrier for every child; never blocks.
+
+        Returns True if it was placed with every child; False if some member is
+        aborted (nothing is placed on those), as `Barrier.place` does for one.
+        """
+        self._check_ready()
+        placed = True
+        for barrier in self._barriers:
+            placed = barrier.place() and placed
+        return placed
+
+    def abort(self) -> bool:
+        """Abort with every child: their waits return False from now on.
+
+        Pending `sync` calls of the group (and of the members) return, with the
+        children that had not synced yet in ``aborted``; `wait_abortion` keeps waiting
+        for a child. Returns False if some child is known to have aborted or died.
+        """
+        self._check_ready()
+        unaborted = True
+        for barrier in self._barriers:
+            unaborted = barrier.abort() and unaborted
+        return unaborted
+
+    # -- waiting ----------------------------------------------------------------------
+
+    async def sync(self, *, abort_on_failure: bool = False) -> GroupResult:
+        """Wait until every child placed as many barriers as this side, or failed.
+
+        Returns when each child has synced, aborted or died; the result names them.
+        A child that needs no wait counts as synced at once, without I/O (so a child
+        that already exited is not noticed, as with `Barrier.sync`).
+
+        With ``abort_on_failure=True`` the first child that aborts or dies aborts the
+        whole group: the others stop waiting and are reported as ``aborted`` (and they
+        see the abort at their next wait). Cancellation or a timeout leaves every
+        member as if the sync had not started.
+        """
+        self._check_ready()
+        return await self._sync(abort_on_failure)
+
+    async def place_and_sync(self, *, abort_on_failure: bool = False) -> GroupResult:
+        """`place`, then `sync`: the usual "I am ready, are you all?" step."""
+        self.place()  # an aborted member places nothing, and its sync says so
+        return await self._sync(abort_on_failure)
+
+    async def wait_abortion(self) -> GroupResult:
+        """Wait until any child aborts or exits (this side's own abort does not count).
+
+        Returns the children known by then to have aborted or died (at least one);
+        ``synced`` is empty. Cancellation or a timeout leaves every member as it was.
+        """
+        self._check_ready()
+        if not any(b.they_aborted for b in self._barriers):
+            parked: dict[asyncio.Future[bool], tuple[Barrier, _fd.Waiter[bool]]] = {}
+            try:
+                for barrier in self._barriers:
+                    started = barrier._start_wait_abortion()
+                    if type(started) is bool:
+                        break  # a wait of another task or thread just found one
+                    parked[started.future] = (barrier, started)
+                else:
+                    for future in await _wait(parked, first=True):
+                        del parked[future]
+                        future.result()  # ClosedResourceError if closed meanwhile
+            finally:
+                _abandon(parked.values())
+        return self._outcome(None)
+
+    async def _sync(self, abort_on_failure: bool) -> GroupResult:
+        barriers = self._barriers
+        results: list[bool | None] = [None] * len(barriers)
+        parked: dict[asyncio.Future[bool], tuple[Barrier, _fd.Waiter[bool]]] = {}
+        index: dict[asyncio.Future[bool], int] = {}
+        try:
+            for i, barrier in enumerate(barriers):
+                started = barrier._start_read(0)
+                if type(started) is bool:
+                    results[i] = started
+                else:
+                    parked[started.future] = (barrier, started)
+                    index[started.future] = i
+            if abort_on_failure and False in results and parked:
+                self.abort()  # releases every parked sync with False
+            while parked:
+                for future in await _wait(parked, first=abort_on_failure):
+                    del parked[future]
+                    result = results[index[future]] = future.result()  # raises if closed
+                    if not result and abort_on_failure:
+                        self.abort()
+        finally:
+            _abandon(parked.values())
+        return self._outcome(results)
+
+    def _outcome(self, results: list[bool | None] | None) -> GroupResult:
+        """Sort the children by what their members say now (`results`: of a sync)."""
+        synced: list[int] = []
+        aborted: list[int] = []
+        died: list[int] = []
+        for i, barrier in enumerate(self._barriers):
+            pid = barrier.peer_pid
+            assert pid is not None  # _check_ready
+            if results is not None and results[i]:
+                synced.append(pid)
+            elif barrier.peer_exited:
+                died.append(pid)
+            elif results is not None or barrier.they_aborted:
+                aborted.append(pid)
+        return GroupResult(tuple(synced), tuple(aborted), tuple(died))
+
+    # -- life cycle -------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close every member. Idempotent.
+
+        Pending waits of this process raise `ClosedResourceError`; each child sees
+        this side exit once no process holds the parent's fds.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        for barrier in self._barriers:
+            barrier.close()
+
+    def _check_ready(self) -> None:
+        self._check_open()
+        for i, barrier in enumerate(self._barriers):
+            if barrier.peer_pid is None or barrier.role is not Role.PARENT:
+                raise RuntimeError(
+                    f"member {i} has no child yet: share it with "
+                    "aiosync.create_subprocess_exec(..., share={...}), or start the child "
+                    f"otherwise and call attach({i}, pid)"
+                )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        raise TypeError(
+            "a BarrierGroup stays in the parent; share each member (group[i]) with its child"
+        )
+
+    def __repr__(self) -> str:
+        if self._closed:
+            return f"<aiosync.BarrierGroup n={len(self._barriers)} closed>"
+        return f"<aiosync.BarrierGroup n={len(self._barriers)} pids={list(self.pids)}>"
+
+
+async def _wait(
+    parked: dict[asyncio.Future[bool], tuple[Barrier, _fd.Waiter[bool]]], *, first: bool
+) -> set[asyncio.Future[bool]]:
+    """The parked futures that are done: the first one(s), or all of them.
+
+    Never cancels them: on cancellation the caller abandons the waiters (which also
+    gives back anything one was handed in the meantime).
+    """
+    if len(parked) == 1:
+        (future,) = parked
+        if not future.done():
+            await asyncio.wait(parked)
+        return {future}
+    when = asyncio.FIRST_COMPLETED if first else asyncio.ALL_COMPLETED
+    done, _ = await asyncio.wait(parked, return_when=when)
+    return done
+
+
+def _abandon(parked: Iterable[tuple[Barrier, _fd.Waiter[bool]]]) -> None:
+    for barrier, waiter in parked:
+        barrier._waitq._abandon(waiter)
