@@ -1,0 +1,443 @@
+"""BarrierGroup: a parent and N real children, each with its own member Barrier.
+
+Children are started with ``aiosync.create_subprocess_exec`` (and multiprocessing spawn)
+and run ``tests/children/group_child.py``; its "up" line says it holds its barrier, and
+its "go-" modes act only when the test writes a line to their stdin, so every test
+orders the processes explicitly. "This blocks" is a bounded wait (`assert_blocks`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import pickle
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+from conftest import PYTHON, SOON, assert_blocks, loop_kind, run_on, soon
+
+import aiosync
+from aiosync import Barrier, BarrierGroup, ClosedResourceError, GroupResult, Role
+
+CHILD = str(Path(__file__).parent / "children" / "group_child.py")
+DEADLINE = 0.1  # SPEC §7: a killed peer's pending waits resolve within 100 ms
+
+Process = asyncio.subprocess.Process
+
+
+@contextlib.asynccontextmanager
+async def children(group: BarrierGroup, *modes: str) -> AsyncIterator[list[Process]]:
+    """Child i runs group_child.py in modes[i] with group[i]; all are "up" on entry.
+
+    On exit, children still running are killed and every child is reaped.
+    """
+    procs: list[Process] = []
+    try:
+        for mode, gate in zip(modes, group, strict=True):
+            proc = await aiosync.create_subprocess_exec(
+                PYTHON,
+                CHILD,
+                mode,
+                loop_kind(),
+                share={"gate": gate},
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+            )
+            procs.append(proc)
+        for proc in procs:
+            assert await line(proc) == "up"
+        yield procs
+    finally:
+        for proc in procs:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+            await soon(proc.communicate())
+
+
+async def line(proc: Process) -> str:
+    assert proc.stdout is not None
+    return (await soon(proc.stdout.readline())).decode().strip()
+
+
+async def go(proc: Process) -> None:
+    """Let a "go-" child act."""
+    assert proc.stdin is not None
+    proc.stdin.write(b"go\n")
+    await soon(proc.stdin.drain())
+
+
+async def kill(proc: Process) -> None:
+    """SIGKILL `proc` and reap it: from here on its fds are closed (the clock starts)."""
+    proc.kill()
+    assert await soon(proc.wait()) == -9
+
+
+def pids(procs: list[Process], *indices: int) -> tuple[int, ...]:
+    return tuple(procs[i].pid for i in indices)
+
+
+# ---------------------------------------------------------------------------------------
+# Everyone syncs
+# ---------------------------------------------------------------------------------------
+
+
+async def test_all_children_sync() -> None:
+    with BarrierGroup(3) as group:
+        async with children(group, "sync", "sync", "sync") as procs:
+            assert group.pids == pids(procs, 0, 1, 2)
+            result = await soon(group.place_and_sync())
+            assert result == GroupResult(synced=pids(procs, 0, 1, 2))
+            assert result.ok
+            assert result
+            assert result.failed == ()
+            for proc in procs:
+                assert await line(proc) == "synced True"
+            assert all(repr(b).endswith("barriers=0 aborted=no>") for b in group)
+
+
+async def test_sync_waits_for_the_slowest_child() -> None:
+    with BarrierGroup(3) as group:
+        async with children(group, "go-sync", "go-sync", "go-sync") as procs:
+            task = await assert_blocks(group.place_and_sync())
+            await go(procs[0])
+            await go(procs[2])
+            assert await line(procs[0]) == "synced True"
+            assert await line(procs[2]) == "synced True"
+            await assert_blocks(asyncio.shield(task))  # child 1 has not placed yet
+            await go(procs[1])
+            assert await soon(task) == GroupResult(synced=pids(procs, 0, 1, 2))
+            assert await line(procs[1]) == "synced True"
+
+
+async def test_sync_needing_no_wait_returns_without_a_loop_round_trip() -> None:
+    with BarrierGroup(2) as group:
+        async with children(group, "go-exit", "go-exit") as procs:
+            coro = group.sync()  # nothing placed on either side: no wait needed
+            with pytest.raises(StopIteration) as stopped:
+                coro.send(None)  # finished without ever suspending
+            assert stopped.value.value == GroupResult(synced=pids(procs, 0, 1))
+            for proc in procs:
+                await go(proc)
+
+
+async def test_second_round_after_the_first() -> None:
+    with BarrierGroup(2) as group:
+        async with children(group, "sync-twice", "sync-twice") as procs:
+            for _ in range(2):
+                assert await soon(group.place_and_sync()) == GroupResult(synced=pids(procs, 0, 1))
+                for proc in procs:
+                    assert await line(proc) == "synced True"
+
+
+# ---------------------------------------------------------------------------------------
+# Children that abort, exit or are killed
+# ---------------------------------------------------------------------------------------
+
+
+async def test_children_that_abort_or_exit_are_named() -> None:
+    with BarrierGroup(3) as group:
+        async with children(group, "go-sync", "go-abort", "go-exit") as procs:
+            task = await assert_blocks(group.place_and_sync())
+            for proc in procs:
+                await go(proc)
+            result = await soon(task)
+            assert result == GroupResult(
+                synced=pids(procs, 0), aborted=pids(procs, 1), died=pids(procs, 2)
+            )
+            assert not result
+            assert not result.ok
+            assert result.failed == pids(procs, 1, 2)
+            assert group[1].they_aborted
+            assert not group[1].peer_exited  # it aborted
+            assert group[2].they_aborted
+            assert group[2].peer_exited  # it exited without aborting
+
+
+async def test_child_sigkilled_mid_sync_is_named_as_died() -> None:
+    with BarrierGroup(3) as group:
+        async with children(group, "go-sync", "go-sync", "go-sync") as procs:
+            task = await assert_blocks(group.place_and_sync())
+            await kill(procs[1])
+            await go(procs[0])
+            await go(procs[2])
+            result = await soon(task)
+            assert result == GroupResult(synced=pids(procs, 0, 2), died=pids(procs, 1))
+            assert [await line(procs[i]) for i in (0, 2)] == ["synced True"] * 2
+
+
+async def test_abort_on_failure_a_killed_child_ends_the_sync_at_once() -> None:
+    with BarrierGroup(3) as group:
+        async with children(group, "go-sync", "go-sync", "go-sync") as procs:
+            task = await assert_blocks(group.place_and_sync(abort_on_failure=True))
+            await kill(procs[1])
+            async with asyncio.timeout(DEADLINE):
+                result = await task
+            assert result == GroupResult(aborted=pids(procs, 0, 2), died=pids(procs, 1))
+            assert all(b.i_aborted for b in group)
+            for i in (0, 2):  # the others learn of the abort at their next wait
+                await go(procs[i])
+                assert await line(procs[i]) == "synced False"
+
+
+async def test_abort_on_failure_an_aborting_child_stops_the_others() -> None:
+    with BarrierGroup(3) as group:
+        async with children(group, "go-sync", "go-abort", "go-sync") as procs:
+            task = await assert_blocks(group.place_and_sync(abort_on_failure=True))
+            await go(procs[1])
+            assert await line(procs[1]) == "aborted"
+            assert await soon(task) == GroupResult(aborted=pids(procs, 0, 1, 2))
+            for i in (0, 2):
+                await go(procs[i])
+                assert await line(procs[i]) == "synced False"
+
+
+async def test_abort_on_failure_when_a_child_is_already_known_to_have_failed() -> None:
+    with BarrierGroup(2) as group:
+        async with children(group, "go-abort", "go-sync") as procs:
+            await go(procs[0])
+            assert await soon(group.wait_abortion()) == GroupResult(aborted=pids(procs, 0))
+            # Member 0 is known aborted: the group aborts before anyone waits.
+            result = await soon(group.place_and_sync(abort_on_failure=True))
+            assert result == GroupResult(aborted=pids(procs, 0, 1))
+            await go(procs[1])
+            assert await line(procs[1]) == "synced False"
+
+
+async def test_without_abort_on_failure_the_others_still_sync() -> None:
+    with BarrierGroup(2) as group:
+        async with children(group, "go-abort", "go-sync") as procs:
+            task = await assert_blocks(group.place_and_sync())
+            await go(procs[0])
+            await assert_blocks(asyncio.shield(task))  # child 1 is still to come
+            await go(procs[1])
+            result = await soon(task)
+            assert result == GroupResult(synced=pids(procs, 1), aborted=pids(procs, 0))
+            assert await line(procs[1]) == "synced True"
+
+
+# ---------------------------------------------------------------------------------------
+# Aborting and watching for abortion
+# ---------------------------------------------------------------------------------------
+
+
+async def test_group_abort_reaches_every_child() -> None:
+    with BarrierGroup(3) as group:
+        async with children(group, "watch", "watch", "watch") as procs:
+            assert group.abort() is True  # nobody known to have aborted
+            assert group.abort() is True  # again: nothing changes
+            for proc in procs:
+                assert await line(proc) == "abortion True"
+            assert group.place() is False  # aborted: nothing placed
+            assert await soon(group.sync()) == GroupResult(aborted=pids(procs, 0, 1, 2))
+
+
+async def test_wait_abortion_names_the_first_child_gone() -> None:
+    with BarrierGroup(2) as group:
+        async with children(group, "go-sync", "go-exit") as procs:
+            task = await assert_blocks(group.wait_abortion())
+            group.abort()  # our own abort does not release it
+            await assert_blocks(asyncio.shield(task))
+            await go(procs[1])
+            result = await soon(task)
+            assert result == GroupResult(died=pids(procs, 1))
+            assert not result
+            # Known now: it returns at once.
+            assert await group.wait_abortion() == GroupResult(died=pids(procs, 1))
+            assert group.abort() is False  # a child is known to be gone
+            await go(procs[0])
+            assert await line(procs[0]) == "synced False"  # it sees our abort
+
+
+async def test_wait_abortion_for_a_killed_child() -> None:
+    with BarrierGroup(2) as group:
+        async with children(group, "go-sync", "go-sync") as procs:
+            task = await assert_blocks(group.wait_abortion())
+            await kill(procs[0])
+            async with asyncio.timeout(DEADLINE):
+                assert await task == GroupResult(died=pids(procs, 0))
+
+
+async def test_wait_abortion_beside_a_pending_sync() -> None:
+    with BarrierGroup(2) as group:
+        async with children(group, "go-abort", "go-sync") as procs:
+            sync = await assert_blocks(group.place_and_sync())
+            watch = await assert_blocks(group.wait_abortion())
+            await go(procs[0])
+            assert await soon(watch) == GroupResult(aborted=pids(procs, 0))
+            assert not sync.done()  # child 1 has not placed yet
+            await go(procs[1])
+            result = await soon(sync)
+            assert result == GroupResult(synced=pids(procs, 1), aborted=pids(procs, 0))
+
+
+# ---------------------------------------------------------------------------------------
+# Cancellation, timeouts, close
+# ---------------------------------------------------------------------------------------
+
+
+async def test_cancelled_sync_loses_nothing() -> None:
+    with BarrierGroup(2) as group:
+        async with children(group, "go-sync-twice", "go-sync-twice") as procs:
+            task = await assert_blocks(group.place_and_sync())
+            await go(procs[0])
+            assert await line(procs[0]) == "synced True"  # child 0's barrier is placed
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await go(procs[1])
+            assert await line(procs[1]) == "synced True"
+            # Whatever the cancelled sync read is counted; the rest is read now.
+            assert await soon(group.sync()) == GroupResult(synced=pids(procs, 0, 1))
+            assert await soon(group.place_and_sync()) == GroupResult(synced=pids(procs, 0, 1))
+            assert [await line(p) for p in procs] == ["synced True"] * 2
+
+
+async def test_timeout_is_the_callers() -> None:
+    with BarrierGroup(2) as group:
+        async with children(group, "go-sync", "go-sync") as procs:
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.05):
+                    await group.place_and_sync()
+            for proc in procs:
+                await go(proc)
+            assert await soon(group.sync()) == GroupResult(synced=pids(procs, 0, 1))
+
+
+async def test_cancelled_wait_abortion_leaves_no_waiter() -> None:
+    with BarrierGroup(2) as group:
+        async with children(group, "go-exit", "go-exit") as procs:
+            task = await assert_blocks(group.wait_abortion())
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert all(b._waitq.waiting == 0 for b in group)
+            await go(procs[0])
+            assert await soon(group.wait_abortion()) == GroupResult(died=pids(procs, 0))
+            await go(procs[1])
+
+
+async def test_close_while_syncing_raises_and_the_children_see_us_go() -> None:
+    group = BarrierGroup(2)
+    async with children(group, "watch", "watch") as procs:
+        task = await assert_blocks(group.place_and_sync())
+        group.close()
+        with pytest.raises(ClosedResourceError):
+            await soon(task)
+        for proc in procs:
+            assert await line(proc) == "abortion True"
+        group.close()  # idempotent
+        with pytest.raises(ClosedResourceError):
+            await group.sync()
+        with pytest.raises(ClosedResourceError):
+            group.place()
+        assert repr(group) == "<aiosync.BarrierGroup n=2 closed>"
+
+
+# ---------------------------------------------------------------------------------------
+# multiprocessing children: attach
+# ---------------------------------------------------------------------------------------
+
+
+def _mp_child(gate: Barrier, kind: str) -> None:
+    gate.set_role(Role.CHILD)
+    ok = run_on(kind, gate.place_and_sync())
+    gate.close()
+    raise SystemExit(0 if ok else 1)
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_multiprocessing_children_attached_by_pid(method: str, kind: str) -> None:
+    ctx = multiprocessing.get_context(method)
+    with BarrierGroup(2) as group:
+        procs = [ctx.Process(target=_mp_child, args=(gate, kind)) for gate in group]
+        try:
+            for i, proc in enumerate(procs):
+                proc.start()
+                assert proc.pid is not None
+                group.attach(i, proc.pid)
+            assert group[0].role is Role.PARENT
+            result = run_on(kind, soon(group.place_and_sync()))
+            assert result == GroupResult(synced=tuple(p.pid for p in procs if p.pid))
+        finally:
+            for proc in procs:
+                proc.join(SOON)
+        assert [p.exitcode for p in procs] == [0, 0]
+
+
+# ---------------------------------------------------------------------------------------
+# Bad use
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("n", "error"), [(0, ValueError), (-1, ValueError), (2.0, TypeError)])
+def test_bad_sizes(n: object, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        BarrierGroup(n)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        BarrierGroup(True)
+
+
+async def test_a_member_without_a_child_is_refused_by_name() -> None:
+    with BarrierGroup(2) as group:
+        group.attach(0, 12345)
+        message = r"member 1 has no child yet.*attach\(1, pid\)"
+        with pytest.raises(RuntimeError, match=message):
+            await group.sync()
+        with pytest.raises(RuntimeError, match=message):
+            await group.wait_abortion()
+        with pytest.raises(RuntimeError, match=message):
+            group.place()
+        with pytest.raises(RuntimeError, match=message):
+            group.abort()
+
+
+def test_attach_checks_its_arguments() -> None:
+    with BarrierGroup(2) as group:
+        for pid in (0, -5, "7", True):
+            with pytest.raises(ValueError, match="pid must be a positive int"):
+                group.attach(0, pid)  # type: ignore[arg-type]
+        with pytest.raises(IndexError):
+            group.attach(2, 100)
+        group[1].set_role(Role.CHILD)
+        with pytest.raises(RuntimeError, match="CHILD side"):
+            group.attach(1, 100)
+        group.attach(0, 100)
+        group.attach(0, 101)  # corrects the pid; the role stays PARENT
+        assert group.pids == (101, None)
+
+
+def test_members_and_repr() -> None:
+    with BarrierGroup(3) as group:
+        assert len(group) == 3
+        members = list(group)
+        assert all(isinstance(b, Barrier) for b in members)
+        assert len({id(b) for b in members}) == 3
+        assert group[2] is members[2]
+        assert group.pids == (None, None, None)
+        assert repr(group) == "<aiosync.BarrierGroup n=3 pids=[None, None, None]>"
+    assert all(repr(b).endswith("closed>") for b in members)
+
+
+def test_a_group_does_not_pickle() -> None:
+    with BarrierGroup(1) as group, pytest.raises(TypeError, match="share each member"):
+        pickle.dumps(group)
+
+
+def test_no_fd_leaks(fd_count: Callable[[], int]) -> None:
+    before = fd_count()
+    for _ in range(500):
+        with BarrierGroup(4) as group:
+            group.attach(0, 1)
+    assert fd_count() == before
+
+
+def test_unclosed_group_warns_once_and_is_closed(fd_count: Callable[[], int]) -> None:
+    before = fd_count()
+    group = BarrierGroup(3)
+    with pytest.warns(ResourceWarning, match="unclosed <aiosync.BarrierGroup") as caught:
+        del group  # CPython finalizes it here (reference counting)
+    assert len(caught) == 1  # the group's own warning; its members were closed by it
+    assert fd_count() == before
