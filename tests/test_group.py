@@ -14,6 +14,7 @@ import multiprocessing
 import pickle
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import PYTHON, SOON, assert_blocks, loop_kind, run_on, soon
@@ -350,7 +351,7 @@ def _mp_child(gate: Barrier, kind: str) -> None:
 
 @pytest.mark.parametrize("method", ["spawn", "forkserver"])
 def test_multiprocessing_children_attached_by_pid(method: str, kind: str) -> None:
-    ctx = multiprocessing.get_context(method)
+    ctx: Any = multiprocessing.get_context(method)
     with BarrierGroup(2) as group:
         procs = [ctx.Process(target=_mp_child, args=(gate, kind)) for gate in group]
         try:
