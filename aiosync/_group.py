@@ -306,13 +306,16 @@ async def _wait(
 ) -> set[asyncio.Future[bool]]:
     """The parked futures that are done: the first one(s), or all of them.
 
-    Never cancels them: on cancellation the caller abandons the waiters (which also
-    gives back anything one was handed in the meantime).
+    On cancellation the caller abandons the waiters (which also gives back anything
+    one was handed in the meantime).
     """
-    if len(parked) == 1:
+    if len(parked) == 1:  # awaited directly, as Barrier.sync() awaits its own
         (future,) = parked
         if not future.done():
-            await asyncio.wait(parked)
+            try:
+                await future
+            except Exception:
+                pass  # the caller takes it from future.result()
         return {future}
     when = asyncio.FIRST_COMPLETED if first else asyncio.ALL_COMPLETED
     done, _ = await asyncio.wait(parked, return_when=when)
