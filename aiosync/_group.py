@@ -289,6 +289,7 @@ class BarrierGroup(Resource):
                     "aiosync.create_subprocess_exec(..., share={...}), or start the child "
                     f"otherwise and call attach({i}, pid)"
                 )
+            barrier._check_ready()  # ClosedResourceError if the member was closed alone
 
     def __reduce__(self) -> tuple[Any, ...]:
         raise TypeError(

@@ -395,6 +395,20 @@ async def test_a_member_without_a_child_is_refused_by_name() -> None:
             group.abort()
 
 
+async def test_a_member_closed_alone_is_refused() -> None:
+    with BarrierGroup(2) as group:
+        group.attach(0, 12345)
+        group.attach(1, 12346)
+        group[1].close()
+        with pytest.raises(ClosedResourceError):
+            await group.sync()
+        with pytest.raises(ClosedResourceError):
+            await group.wait_abortion()
+        with pytest.raises(ClosedResourceError):
+            group.place()
+        assert group[0]._barriers == 0  # refused before anything was placed
+
+
 def test_attach_checks_its_arguments() -> None:
     with BarrierGroup(2) as group:
         for pid in (0, -5, "7", True):
