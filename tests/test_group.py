@@ -12,12 +12,15 @@ import asyncio
 import contextlib
 import multiprocessing
 import pickle
+import random
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import PYTHON, SOON, assert_blocks, loop_kind, run_on, soon
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 
 import aiosync
 from aiosync import Barrier, BarrierGroup, ClosedResourceError, GroupResult, Role
@@ -217,6 +220,46 @@ async def test_without_abort_on_failure_the_others_still_sync() -> None:
             result = await soon(task)
             assert result == GroupResult(synced=pids(procs, 1), aborted=pids(procs, 0))
             assert await line(procs[1]) == "synced True"
+
+
+OUTCOMES = ("sync", "abort", "exit", "kill")
+
+
+@settings(
+    max_examples=12,
+    deadline=None,
+    phases=(Phase.explicit, Phase.reuse, Phase.generate),  # no shrinking: see the model
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    outcomes=st.lists(st.sampled_from(OUTCOMES), min_size=1, max_size=4),
+    order=st.randoms(use_true_random=False),
+)
+def test_any_mix_of_outcomes_is_reported_child_by_child(
+    kind: str, outcomes: list[str], order: random.Random
+) -> None:
+    """Children that sync, abort, exit or are killed, acting in any order."""
+    modes = {"sync": "go-sync", "abort": "go-abort", "exit": "go-exit", "kill": "go-sync"}
+    turns = list(range(len(outcomes)))
+    order.shuffle(turns)
+
+    async def run() -> None:
+        with BarrierGroup(len(outcomes)) as group:
+            async with children(group, *(modes[o] for o in outcomes)) as procs:
+                task = await assert_blocks(group.place_and_sync(), seconds=0.01)
+                for i in turns:
+                    if outcomes[i] == "kill":
+                        await kill(procs[i])
+                    else:
+                        await go(procs[i])
+                result = await soon(task)
+                named = {"sync": "synced", "abort": "aborted", "exit": "died", "kill": "died"}
+                expected: dict[str, list[int]] = {"synced": [], "aborted": [], "died": []}
+                for i, outcome in enumerate(outcomes):
+                    expected[named[outcome]].append(procs[i].pid)
+                assert result == GroupResult(**{k: tuple(v) for k, v in expected.items()})
+
+    run_on(kind, run())
 
 
 # ---------------------------------------------------------------------------------------
