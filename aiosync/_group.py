@@ -14,7 +14,8 @@ plus the pid of each child. Its calls are the Barrier calls applied to every mem
   no task per child.
 * Each member's outcome comes from its own result and state: True is *synced*; False
   with `Barrier.peer_exited` is *died* (the child exited or was killed without
-  aborting); any other False is *aborted* (the child aborted, or this side did).
+  aborting); False with `Barrier.they_aborted` is *aborted* (the child aborted); any
+  other False is *stopped* (this side aborted before the child synced).
 * ``wait_abortion()`` parks a ``wait_abortion()`` waiter on every member and returns
   at the first release, naming every child known by then to have aborted or died.
 
@@ -47,27 +48,30 @@ __all__ = ["BarrierGroup", "GroupResult"]
 class GroupResult:
     """What a `BarrierGroup` wait found out, child by child (by pid, in group order).
 
-    True in a boolean context when no child aborted or died (``ok``). After
-    `BarrierGroup.sync`, every child is in exactly one of the three tuples; after
-    `BarrierGroup.wait_abortion`, ``synced`` is empty and the others name the children
-    known by then to have aborted or died.
+    True in a boolean context when every child synced (``ok``). After
+    `BarrierGroup.sync`, every child is in exactly one of the four tuples; after
+    `BarrierGroup.wait_abortion`, only ``aborted`` and ``died`` are filled: the
+    children known by then to have aborted or died.
     """
 
     synced: tuple[int, ...] = ()
     """Children whose sync succeeded."""
     aborted: tuple[int, ...] = ()
-    """Children whose barrier is aborted: by the child, or by this side."""
+    """Children that aborted (called ``abort()``) before syncing."""
     died: tuple[int, ...] = ()
-    """Children that exited or were killed without aborting (before syncing)."""
+    """Children that exited or were killed without aborting, before syncing."""
+    stopped: tuple[int, ...] = ()
+    """Children that had not synced when this side aborted (`BarrierGroup.abort`, or
+    ``abort_on_failure``)."""
 
     @property
     def ok(self) -> bool:
-        """No child aborted or died."""
-        return not (self.aborted or self.died)
+        """Nobody aborted, died or was stopped: after a sync, every child synced."""
+        return not (self.aborted or self.died or self.stopped)
 
     @property
     def failed(self) -> tuple[int, ...]:
-        """Children that aborted or died."""
+        """Children that failed on their own: they aborted or died."""
         return self.aborted + self.died
 
     def __bool__(self) -> bool:
@@ -88,9 +92,9 @@ class BarrierGroup(Resource):
             )
             for gate in group
         ]
-        result = await group.place_and_sync()
+        result = await group.place_and_sync(abort_on_failure=True)
         if not result:
-            group.abort()  # the others stop too; result.died / result.aborted say who
+            ...  # result.aborted and result.died say who failed
 
     Each child uses the plain `Barrier` it inherited. The group learns each child's
     pid from `aiosync.create_subprocess_exec`; for children started otherwise (fork,
@@ -171,7 +175,7 @@ class BarrierGroup(Resource):
         """Abort with every child: their waits return False from now on.
 
         Pending `sync` calls of the group (and of the members) return, with the
-        children that had not synced yet in ``aborted``; `wait_abortion` keeps waiting
+        children that had not synced yet in ``stopped``; `wait_abortion` keeps waiting
         for a child. Returns False if some child is known to have aborted or died.
         """
         self._check_ready()
@@ -190,7 +194,7 @@ class BarrierGroup(Resource):
         that already exited is not noticed, as with `Barrier.sync`).
 
         With ``abort_on_failure=True`` the first child that aborts or dies aborts the
-        whole group: the others stop waiting and are reported as ``aborted`` (and they
+        whole group: the others stop waiting and are reported as ``stopped`` (and they
         see the abort at their next wait). Cancellation or a timeout leaves every
         member as if the sync had not started.
         """
@@ -255,6 +259,7 @@ class BarrierGroup(Resource):
         synced: list[int] = []
         aborted: list[int] = []
         died: list[int] = []
+        stopped: list[int] = []
         for i, barrier in enumerate(self._barriers):
             pid = barrier.peer_pid
             assert pid is not None  # _check_ready
@@ -262,9 +267,11 @@ class BarrierGroup(Resource):
                 synced.append(pid)
             elif barrier.peer_exited:
                 died.append(pid)
-            elif results is not None or barrier.they_aborted:
+            elif barrier.they_aborted:
                 aborted.append(pid)
-        return GroupResult(tuple(synced), tuple(aborted), tuple(died))
+            elif results is not None:
+                stopped.append(pid)
+        return GroupResult(tuple(synced), tuple(aborted), tuple(died), tuple(stopped))
 
     # -- life cycle -------------------------------------------------------------------
 

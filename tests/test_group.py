@@ -179,7 +179,8 @@ async def test_abort_on_failure_a_killed_child_ends_the_sync_at_once() -> None:
             await kill(procs[1])
             async with asyncio.timeout(DEADLINE):
                 result = await task
-            assert result == GroupResult(aborted=pids(procs, 0, 2), died=pids(procs, 1))
+            assert result == GroupResult(died=pids(procs, 1), stopped=pids(procs, 0, 2))
+            assert result.failed == pids(procs, 1)
             assert all(b.i_aborted for b in group)
             for i in (0, 2):  # the others learn of the abort at their next wait
                 await go(procs[i])
@@ -192,7 +193,9 @@ async def test_abort_on_failure_an_aborting_child_stops_the_others() -> None:
             task = await assert_blocks(group.place_and_sync(abort_on_failure=True))
             await go(procs[1])
             assert await line(procs[1]) == "aborted"
-            assert await soon(task) == GroupResult(aborted=pids(procs, 0, 1, 2))
+            assert await soon(task) == GroupResult(
+                aborted=pids(procs, 1), stopped=pids(procs, 0, 2)
+            )
             for i in (0, 2):
                 await go(procs[i])
                 assert await line(procs[i]) == "synced False"
@@ -205,7 +208,7 @@ async def test_abort_on_failure_when_a_child_is_already_known_to_have_failed() -
             assert await soon(group.wait_abortion()) == GroupResult(aborted=pids(procs, 0))
             # Member 0 is known aborted: the group aborts before anyone waits.
             result = await soon(group.place_and_sync(abort_on_failure=True))
-            assert result == GroupResult(aborted=pids(procs, 0, 1))
+            assert result == GroupResult(aborted=pids(procs, 0), stopped=pids(procs, 1))
             await go(procs[1])
             assert await line(procs[1]) == "synced False"
 
@@ -275,7 +278,8 @@ async def test_group_abort_reaches_every_child() -> None:
             for proc in procs:
                 assert await line(proc) == "abortion True"
             assert group.place() is False  # aborted: nothing placed
-            assert await soon(group.sync()) == GroupResult(aborted=pids(procs, 0, 1, 2))
+            # Aborted before it read anything: nothing is known of the children.
+            assert await soon(group.sync()) == GroupResult(stopped=pids(procs, 0, 1, 2))
 
 
 async def test_wait_abortion_names_the_first_child_gone() -> None:
