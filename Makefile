@@ -28,7 +28,7 @@ $(VENV)/.installed-bench: $(VENV)/.installed-test
 	touch $@
 
 demo: $(VENV)/.installed
-	$(PY) examples/barrier_subprocess.py
+	$(PY) examples/prefork_server.py
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check aiosync tests examples benchmarks docs/check.py

@@ -1,0 +1,125 @@
+"""examples/prefork_server.py end to end on both loops: a good run, and its faults."""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import SOON
+
+EXAMPLE = Path(__file__).parent.parent / "examples" / "prefork_server.py"
+
+
+def run_example(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-X", "dev", "-W", "error", str(EXAMPLE), *args],
+        capture_output=True,
+        text=True,
+        timeout=50,
+        check=False,
+    )
+
+
+def worker_pids(stdout: str) -> dict[int, int]:
+    """Worker index -> pid, from the "worker I (pid P)" the parent prints."""
+    return {int(i): int(p) for i, p in re.findall(r"worker (\d+) \(pid (\d+)\)", stdout)}
+
+
+def assert_the_others_were_stopped_or_synced(
+    stdout: str, pids: dict[int, int], failed: int
+) -> None:
+    """Each other worker synced before the failure was seen, or the abort stopped it:
+    which one is a race the example reports, not one it decides."""
+    assert sorted(pids) == [0, 1, 2]
+    for i in sorted(set(pids) - {failed}):
+        said = re.findall(
+            rf"^parent: start-up aborted: worker {i} \(pid {pids[i]}\) (.*)$", stdout, re.M
+        )
+        assert said in (["had synced"], ["was stopped"]), stdout
+
+
+def test_a_good_run(kind: str) -> None:
+    result = run_example(
+        "--loop", kind, "--workers", "3", "--requests", "200", "--connections", "4"
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert result.stderr == ""
+    assert re.search(r"^parent: ready: 3 workers synced \(pids \[\d+, \d+, \d+\]\)$", out, re.M)
+    assert re.search(r"^summary: 200 requests in [\d.]+ s \(\d+/s\), 0 errors$", out, re.M)
+    assert re.search(r"^latency: p50 [\d.]+ ms, p99 [\d.]+ ms$", out, re.M)
+    # The configuration changes between the two halves of the requests: every request
+    # of the first half saw version 1 and every request of the second half version 2.
+    assert "config versions seen: v1: 100, v2: 100\n" in out
+    counts = re.search(r"^requests per worker: 0: (\d+), 1: (\d+), 2: (\d+)$", out, re.M)
+    assert counts is not None
+    assert sum(int(c) for c in counts.groups()) == 200
+    assert "shutdown: 3 of 3 workers drained; killed: none\n" in out
+    assert "connections closed by the workers: 4\n" in out
+    # The order of the story.
+    steps = ["ready", "configuration changed", "asking the workers to drain", "summary"]
+    assert [out.index(step) for step in steps] == sorted(out.index(step) for step in steps)
+
+
+def test_a_worker_whose_setup_fails_stops_the_start_up(kind: str) -> None:
+    result = run_example("--loop", kind, "--workers", "3", "--fail-worker", "1")
+    assert result.returncode == 1
+    pids = worker_pids(result.stdout)
+    assert f"parent: start-up failed: worker 1 (pid {pids[1]}) aborted\n" in result.stdout
+    assert_the_others_were_stopped_or_synced(result.stdout, pids, failed=1)
+    assert "ready" not in result.stdout
+    assert "summary" not in result.stdout
+    assert result.stderr == "worker 1: setup failed\n"
+
+
+def test_a_worker_killed_in_setup_is_named(kind: str) -> None:
+    result = run_example("--loop", kind, "--workers", "3", "--kill-worker", "2")
+    assert result.returncode == 1
+    pids = worker_pids(result.stdout)
+    assert f"parent: start-up failed: worker 2 (pid {pids[2]}) died\n" in result.stdout
+    assert_the_others_were_stopped_or_synced(result.stdout, pids, failed=2)
+    assert result.stderr == ""
+
+
+def test_a_worker_that_never_drains_is_killed(kind: str) -> None:
+    result = run_example(
+        "--loop", kind, "--workers", "2", "--requests", "40", "--slow-drain", "0",
+        "--drain-timeout", "1",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    pids = worker_pids(result.stdout)
+    assert f"parent: worker 0 (pid {pids[0]}) did not drain: killed\n" in result.stdout
+    assert "summary: 40 requests" in result.stdout
+    assert "shutdown: 1 of 2 workers drained; killed: worker 0\n" in result.stdout
+    assert result.stderr == ""
+
+
+def test_workers_exit_when_the_parent_is_killed(kind: str) -> None:
+    """A worker's barrier tells it the parent is gone: it exits instead of serving on."""
+    proc = subprocess.Popen(
+        [sys.executable, str(EXAMPLE), "--loop", kind, "--workers", "2", "--requests", "10000000"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline() for _ in range(2)]
+        ready = re.match(r"parent: ready: 2 workers synced \(pids \[(\d+), (\d+)\]\)", lines[1])
+        assert ready is not None, lines
+        pidfds = [os.pidfd_open(int(pid)) for pid in ready.groups()]
+        try:
+            proc.send_signal(signal.SIGKILL)
+            for pidfd in pidfds:
+                readable, _, _ = select.select([pidfd], [], [], SOON)
+                assert readable, "a worker outlived its parent"
+        finally:
+            for pidfd in pidfds:
+                os.close(pidfd)
+    finally:
+        proc.kill()
+        proc.communicate()
