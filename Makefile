@@ -31,8 +31,8 @@ demo: $(VENV)/.installed
 	$(PY) examples/prefork_server.py
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check aiosync tests examples benchmarks docs/check.py
-	$(BIN)/ruff format --check aiosync tests examples benchmarks docs/check.py
+	$(BIN)/ruff check aiosync tests examples benchmarks docs/check.py docs/hooks.py
+	$(BIN)/ruff format --check aiosync tests examples benchmarks docs/check.py docs/hooks.py
 	$(BIN)/mypy
 
 test: lint docs
@@ -41,8 +41,11 @@ test: lint docs
 bench: $(VENV)/.installed-bench
 	$(PY) -m benchmarks
 
+# Checks the docs against the code, then builds the site into site/ (--strict: a
+# broken link, page or API reference fails).
 docs: $(VENV)/.installed-test
 	$(PY) docs/check.py
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 clean:
-	rm -rf $(VENV) build *.egg-info aiosync/*.so .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) site build *.egg-info aiosync/*.so .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,6 +1,10 @@
 """`make bench`: run every benchmark module (benchmarks/bench_*.py) in turn.
 
-Usage: python -m benchmarks [--quick] [NAME ...]
+Then merge what they measured into benchmarks/results.json, rewrite the tables of
+docs/performance.md and redraw docs/performance.png (skipped, with a note, when
+matplotlib is not installed, or with --no-chart).
+
+Usage: python -m benchmarks [--quick] [--no-chart] [NAME ...]
 """
 
 from __future__ import annotations
@@ -11,11 +15,14 @@ import pkgutil
 import sys
 from pathlib import Path
 
+from . import _results, chart, report
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks")
     parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
-    parser.add_argument("names", nargs="*", help="only these (e.g. barrier completion seqc)")
+    parser.add_argument("--no-chart", action="store_true", help="do not redraw the chart")
+    parser.add_argument("names", nargs="*", help="only these (e.g. barrier group completion seqc)")
     args = parser.parse_args(argv)
     here = Path(__file__).parent
     modules = sorted(
@@ -28,6 +35,20 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\n=== {name} ===", flush=True)
         module.main(["--quick"] if args.quick else [])
     sys.stdout.flush()
+    if not _results.RECORDED:
+        return
+    data = _results.save(_results.RECORDED, args.quick)
+    print(f"\nresults: {_results.RESULTS.relative_to(_results.ROOT)}")
+    report.update(data=data)
+    print(f"report: {report.PAGE.relative_to(_results.ROOT)}")
+    if args.no_chart:
+        return
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("chart: skipped (matplotlib is not installed: pip install -e '.[bench]')")
+        return
+    print(f"chart: {chart.draw(data).relative_to(_results.ROOT)}")
 
 
 if __name__ == "__main__":

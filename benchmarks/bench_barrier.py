@@ -45,6 +45,7 @@ from ._common import (
     table,
     verdict,
 )
+from ._results import Check, record
 
 ROUNDS = 20_000
 QUICK_ROUNDS = 2_000
@@ -205,6 +206,21 @@ def report(results: dict[bool, dict[str, Result]], rounds: int, repetitions: int
     uv_rows: list[list[object]] = []
     for pinned, per_kind in results.items():
         ratio = per_kind["uvloop"].aiosync / per_kind["asyncio"].aiosync
+        for kind, r in per_kind.items():
+            checks = [
+                Check("aiosync / floor", r.aiosync / r.floor, 1.25),
+                Check("mp.Barrier / aiosync", r.mp / r.aiosync, 4, at_most=False),
+            ]
+            if kind == "uvloop":
+                checks.append(Check("uvloop / asyncio", ratio, 1.0))
+            record(
+                "Barrier",
+                "place_and_sync() round trip",
+                f"{cpu_label(pinned)}, {kind}",
+                "µs per round trip",
+                {"floor": r.floor, "aiosync": r.aiosync, "mp.Barrier": r.mp},
+                checks,
+            )
         uv_rows.append(
             [
                 cpu_label(pinned),

@@ -47,6 +47,7 @@ from ._common import (
     table,
     verdict,
 )
+from ._results import Check, record
 
 ROUNDS = 20_000
 QUICK_ROUNDS = 2_000
@@ -232,6 +233,23 @@ def report(
                 ]
             )
             over_event = r.complete_all / r.event_set
+            config = f"{cpu_label(pinned)}, {kind}"
+            record(
+                "Completion",
+                "complete() -> wait() hand-off",
+                config,
+                "µs per round trip",
+                {"floor": r.floor, "aiosync": r.aiosync},
+                [Check("aiosync / floor", over_floor, 1.25)],
+            )
+            record(
+                "Completion",
+                f"waking {waiters:,} waiting tasks",
+                config,
+                "ms",
+                {"Event.set()": r.event_set / 1000, "complete_all()": r.complete_all / 1000},
+                [Check("complete_all / Event.set", over_event, 2)],
+            )
             wake_rows.append(
                 [
                     cpu_label(pinned),

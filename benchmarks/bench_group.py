@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable
 from aiosync import Barrier, BarrierGroup, Role
 
 from ._common import LOOP_KINDS, alternate, cpu_label, pin, run_on, table, verdict
+from ._results import Check, record
 
 SIZES = (1, 4, 16)
 ROUNDS = 4_000
@@ -124,6 +125,14 @@ def measure(pinned: bool, rounds: int, repetitions: int) -> list[list[object]]:
             gather, group = (s.median for s in samples)
             ratio = group / gather
             rows.append([n, kind, gather, group, ratio, verdict(ratio, TARGET)])
+            record(
+                "BarrierGroup",
+                "place_and_sync() with N children",
+                f"N={n}, {cpu_label(pinned)}, {kind}",
+                "µs per round",
+                {"gather by hand": gather, "BarrierGroup": group},
+                [Check("group / gather", ratio, TARGET)],
+            )
     return rows
 
 

@@ -28,7 +28,9 @@ from collections.abc import Callable
 
 from aiosync import SeqRecord, WouldBlock
 
+from . import _results
 from ._common import LOOP_KINDS, alternate, cpu_label, pin, run_on, table, verdict
+from ._results import Check
 
 FORMAT = "qqd"
 VALUES = (1, 2, 3.0)
@@ -109,6 +111,22 @@ def bench_reads(pinned: bool, n: int, repetitions: int) -> list[list[object]]:
         else:
             target = ""
         rows.append([cpu_label(pinned), s.name, s.median * 1000, ratio, target])
+    medians = {s.name: s.median * 1000 for s in samples}
+    checks = [Check("read_nowait / floor", nowait / floor, 1.5)]
+    checks += [
+        Check(f"{s.name.removeprefix('await read() ')} await read / floor", s.median / floor, 2.5)
+        for s in samples
+        if s.name.startswith("await read()")
+    ]
+    checks.append(Check("Lock read / read_nowait", locked / nowait, 2.5, at_most=False))
+    _results.record(
+        "SeqRecord",
+        f'reading a "{FORMAT}" record, no writer active',
+        cpu_label(pinned),
+        "ns per read",
+        medians,
+        checks,
+    )
     return rows
 
 
@@ -257,6 +275,20 @@ def bench_writer(
         )
     busy = median(cpu_times[("write()", "2 busy processes")])
     readers = median(cpu_times[("write()", "2 readers")])
+    alone_time = median(cpu_times[("write()", "alone")])
+    per_write = {
+        "alone" if helper == "alone" else f"beside {helper}": median(cpu_times[("write()", helper)])
+        * 1000
+        for helper in HELPERS
+    }
+    _results.record(
+        "SeqRecord",
+        "write() with readers going flat out",
+        label,
+        "ns per write (CPU time)",
+        per_write,
+        [Check("throughput beside 2 readers / alone", alone_time / readers, 0.9, at_most=False)],
+    )
     notes.append(
         f"{label}: write() beside 2 readers runs at {busy / readers:.2f} x its rate "
         "beside 2 busy processes that do not read"

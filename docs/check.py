@@ -3,7 +3,10 @@
 - every relative link in README.md and docs/*.md points at a file that exists, and
   every ``#anchor`` into a Markdown file names one of its headings;
 - every ```python block parses (top-level ``await`` allowed);
-- every public name in ``aiosync.__all__`` is documented somewhere in docs/.
+- every public name in ``aiosync.__all__`` is documented somewhere in docs/ (not
+  counting the generated API reference, docs/api.md).
+
+`make docs` then builds the site with ``mkdocs build --strict`` (see mkdocs.yml).
 
 Exits 1 and lists the problems if there are any.
 """
@@ -61,7 +64,9 @@ def check_code(page: Path) -> list[str]:
 def check_names() -> list[str]:
     import aiosync
 
-    text = "\n".join(p.read_text() for p in (ROOT / "docs").glob("*.md"))
+    # The generated API reference names everything; the prose must too.
+    prose = [p for p in (ROOT / "docs").glob("*.md") if p.name != "api.md"]
+    text = "\n".join(p.read_text() for p in prose)
     return [
         f"docs/: public name aiosync.{name} is not documented"
         for name in aiosync.__all__

@@ -1,0 +1,117 @@
+"""What the benchmarks measured, in a form the report and the chart can use.
+
+Each benchmark calls `record` once per measured configuration: the contenders' values
+(say floor, aiosync and mp.Barrier round trips in µs, pinned, on uvloop) and the
+ratios checked against their targets. `python -m benchmarks` then merges the run into
+``benchmarks/results.json`` primitive by primitive (a partial run keeps the others'
+figures), rewrites the tables of ``docs/performance.md`` (`benchmarks.report`) and
+draws ``docs/performance.png`` (`benchmarks.chart`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results.json"
+
+
+@dataclass
+class Check:
+    """A ratio of two values of a `Figure`, against its target."""
+
+    label: str  # e.g. "aiosync / floor"
+    ratio: float
+    target: float
+    at_most: bool = True
+
+    @property
+    def met(self) -> bool:
+        return self.ratio <= self.target if self.at_most else self.ratio >= self.target
+
+    def describe(self) -> str:
+        sign = "<=" if self.at_most else ">="
+        verdict = "met" if self.met else "MISSED"
+        shown = f"{self.ratio:.2f}"
+        if float(shown) == self.target:  # "1.25 (<= 1.25: MISSED)" would puzzle
+            shown = f"{self.ratio:.3f}"
+        return f"{self.label} {shown} ({sign} {self.target:g}: {verdict})"
+
+
+@dataclass
+class Figure:
+    """The contenders of one measurement in one configuration."""
+
+    primitive: str  # "Barrier", "BarrierGroup", "Completion", "SeqRecord"
+    measure: str  # what was timed, e.g. "place_and_sync() round trip"
+    config: str  # e.g. "pinned, uvloop"
+    unit: str  # e.g. "µs per round trip"
+    values: dict[str, float]  # contender -> value, floor or baseline first
+    checks: list[Check] = field(default_factory=list)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Figure:
+        checks = [Check(**c) for c in data.get("checks", [])]
+        return cls(
+            primitive=data["primitive"],
+            measure=data["measure"],
+            config=data["config"],
+            unit=data["unit"],
+            values={k: float(v) for k, v in data["values"].items()},
+            checks=checks,
+        )
+
+
+RECORDED: list[Figure] = []
+
+
+def record(
+    primitive: str,
+    measure: str,
+    config: str,
+    unit: str,
+    values: dict[str, float],
+    checks: list[Check] | None = None,
+) -> None:
+    """Keep one figure of this run (see the module docstring)."""
+    RECORDED.append(Figure(primitive, measure, config, unit, dict(values), checks or []))
+
+
+def load(path: Path = RESULTS) -> dict[str, Any]:
+    if not path.exists():
+        return {"runs": {}, "figures": []}
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
+
+
+def figures(data: dict[str, Any]) -> list[Figure]:
+    return [Figure.from_json(f) for f in data["figures"]]
+
+
+def merge(data: dict[str, Any], new: list[Figure], quick: bool) -> dict[str, Any]:
+    """`data` with every primitive measured in `new` replaced by the new figures."""
+    fresh = {f.primitive for f in new}
+    kept = [f for f in data["figures"] if f["primitive"] not in fresh]
+    runs = dict(data["runs"])
+    about = {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "python": sys.version.split()[0],
+        "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs",
+        "quick": quick,
+    }
+    for primitive in fresh:
+        runs[primitive] = about
+    return {"runs": runs, "figures": kept + [asdict(f) for f in new]}
+
+
+def save(new: list[Figure], quick: bool, path: Path = RESULTS) -> dict[str, Any]:
+    data = merge(load(path), new, quick)
+    path.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+    return data
