@@ -281,6 +281,9 @@ class Connections:
 
 
 async def worker(args: argparse.Namespace) -> int:
+    # Ctrl-C reaches the whole process group; the parent decides what happens (if it
+    # exits, our gate's wait returns False and we stop).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     shared = aiosync.inherited()
     gate, cfg, drained = shared["gate"], shared["cfg"], shared["drained"]
     assert isinstance(gate, aiosync.Barrier)
@@ -376,11 +379,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker is None and not (args.workers >= 1 and args.requests >= 1):
         parser.error("--workers and --requests must be at least 1")
     side = worker if args.worker is not None else parent
-    if args.loop == "uvloop":
-        import uvloop
+    try:
+        if args.loop == "uvloop":
+            import uvloop
 
-        return uvloop.run(side(args))
-    return asyncio.run(side(args))
+            return uvloop.run(side(args))
+        return asyncio.run(side(args))
+    except KeyboardInterrupt:  # the parent's Ctrl-C (workers ignore it)
+        # Leaving parent() closed the group: every worker's gate wait returned False.
+        print("\nparent: interrupted; the workers exit on their own", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

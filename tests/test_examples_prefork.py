@@ -123,3 +123,49 @@ def test_workers_exit_when_the_parent_is_killed(kind: str) -> None:
     finally:
         proc.kill()
         proc.communicate()
+
+
+def test_ctrl_c_stops_everything_quietly(kind: str) -> None:
+    """SIGINT to the whole process group, as a terminal's Ctrl-C sends it."""
+    argv = [
+        sys.executable,
+        str(EXAMPLE),
+        "--loop",
+        kind,
+        "--workers",
+        "2",
+        "--requests",
+        "10000000",
+    ]
+    # Start with SIGINT at its default whatever this process inherited (a background
+    # shell ignores it), in a process group of its own.
+    reset = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    reset += "os.execv(sys.argv[1], sys.argv[1:])"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", reset, *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        lines = [proc.stdout.readline() for _ in range(2)]
+        ready = re.match(r"parent: ready: 2 workers synced \(pids \[(\d+), (\d+)\]\)", lines[1])
+        assert ready is not None, lines
+        pidfds = [os.pidfd_open(int(pid)) for pid in ready.groups()]
+        try:
+            os.killpg(proc.pid, signal.SIGINT)
+            _, err = proc.communicate(timeout=SOON)
+            for pidfd in pidfds:
+                readable, _, _ = select.select([pidfd], [], [], SOON)
+                assert readable, "a worker outlived the interrupted parent"
+        finally:
+            for pidfd in pidfds:
+                os.close(pidfd)
+        assert proc.returncode == 130
+        assert err == "\nparent: interrupted; the workers exit on their own\n"
+    finally:
+        if proc.returncode is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
