@@ -17,9 +17,11 @@ import os
 import select
 import signal
 import socket
+import subprocess
 import sys
 import traceback
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -272,3 +274,31 @@ def fd_count() -> Callable[[], int]:
 
 
 PYTHON = sys.executable
+
+
+def run_example(example: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run an example program as a user would, warnings as errors; capture its output."""
+    return subprocess.run(
+        [sys.executable, "-X", "dev", "-W", "error", str(example), *args],
+        capture_output=True,
+        text=True,
+        timeout=50,
+        check=False,
+    )
+
+
+def wait_gone(pids: Iterable[int], *, seconds: float = SOON) -> None:
+    """Wait until every process in `pids` (children or not) has exited."""
+    pidfds = []
+    for pid in pids:
+        try:
+            pidfds.append(os.pidfd_open(pid))
+        except ProcessLookupError:
+            continue  # gone (and reaped) already
+    try:
+        for pidfd in pidfds:
+            readable, _, _ = select.select([pidfd], [], [], seconds)
+            assert readable, "a process is still running"
+    finally:
+        for pidfd in pidfds:
+            os.close(pidfd)

@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_example
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "barrier_subprocess.py"
 
 
-def run_example(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-X", "dev", "-W", "error", str(EXAMPLE), *args],
-        capture_output=True,
-        text=True,
-        timeout=50,
-        check=False,
-    )
-
-
 def test_both_sides_ready(kind: str) -> None:
-    result = run_example("--loop", kind)
+    result = run_example(EXAMPLE, "--loop", kind)
     assert result.returncode == 0, result.stderr
     assert "parent: both sides ready; the child listens on port" in result.stdout
     assert "parent: the child answered 'hello back'" in result.stdout
@@ -31,7 +20,7 @@ def test_both_sides_ready(kind: str) -> None:
 
 
 def test_child_setup_fails(kind: str) -> None:
-    result = run_example("--loop", kind, "--fail", "child")
+    result = run_example(EXAMPLE, "--loop", kind, "--fail", "child")
     assert result.returncode == 1
     assert "child: setup failed; aborting the start-up" in result.stderr
     assert "parent: the child failed its setup (exit status 1)" in result.stdout
@@ -39,7 +28,7 @@ def test_child_setup_fails(kind: str) -> None:
 
 
 def test_parent_setup_fails(kind: str) -> None:
-    result = run_example("--loop", kind, "--fail", "parent")
+    result = run_example(EXAMPLE, "--loop", kind, "--fail", "parent")
     assert result.returncode == 1
     assert "child: the parent aborted; exiting" in result.stderr
     assert "parent: the child stopped too (exit status 1)" in result.stdout
@@ -48,6 +37,6 @@ def test_parent_setup_fails(kind: str) -> None:
 
 @pytest.mark.parametrize("flag", ["--help"])
 def test_usage(flag: str) -> None:
-    result = run_example(flag)
+    result = run_example(EXAMPLE, flag)
     assert result.returncode == 0
     assert "--loop" in result.stdout

@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
+
+from conftest import run_example
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "completion_ready.py"
 
 
-def run_example(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-X", "dev", "-W", "error", str(EXAMPLE), *args],
-        capture_output=True,
-        text=True,
-        timeout=50,
-        check=False,
-    )
-
-
 def test_all_children_ready(kind: str) -> None:
-    result = run_example("--loop", kind, "--children", "3", "--timeout", "30")
+    result = run_example(EXAMPLE, "--loop", kind, "--children", "3", "--timeout", "30")
     assert result.returncode == 0, result.stderr
     assert "parent: 3 of 3 ready" in result.stdout
     expected = sum(i * i for i in range(3000))
@@ -30,7 +20,7 @@ def test_all_children_ready(kind: str) -> None:
 
 
 def test_names_the_children_that_never_got_ready(kind: str) -> None:
-    result = run_example("--loop", kind, "--fail", "1", "--hang", "2", "--timeout", "5")
+    result = run_example(EXAMPLE, "--loop", kind, "--fail", "1", "--hang", "2", "--timeout", "5")
     assert result.returncode == 1
     named = [line for line in result.stdout.splitlines() if "never got ready" in line]
     assert named == [

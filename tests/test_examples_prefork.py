@@ -4,25 +4,15 @@ from __future__ import annotations
 
 import os
 import re
-import select
 import signal
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
-from conftest import SOON
+from conftest import SOON, run_example, wait_gone
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "prefork_server.py"
-
-
-def run_example(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-X", "dev", "-W", "error", str(EXAMPLE), *args],
-        capture_output=True,
-        text=True,
-        timeout=50,
-        check=False,
-    )
 
 
 def worker_pids(stdout: str) -> dict[int, int]:
@@ -45,7 +35,7 @@ def assert_the_others_were_stopped_or_synced(
 
 def test_a_good_run(kind: str) -> None:
     result = run_example(
-        "--loop", kind, "--workers", "3", "--requests", "200", "--connections", "4"
+        EXAMPLE, "--loop", kind, "--workers", "3", "--requests", "200", "--connections", "4"
     )
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
@@ -67,7 +57,7 @@ def test_a_good_run(kind: str) -> None:
 
 
 def test_a_worker_whose_setup_fails_stops_the_start_up(kind: str) -> None:
-    result = run_example("--loop", kind, "--workers", "3", "--fail-worker", "1")
+    result = run_example(EXAMPLE, "--loop", kind, "--workers", "3", "--fail-worker", "1")
     assert result.returncode == 1
     pids = worker_pids(result.stdout)
     assert f"parent: start-up failed: worker 1 (pid {pids[1]}) aborted\n" in result.stdout
@@ -78,7 +68,7 @@ def test_a_worker_whose_setup_fails_stops_the_start_up(kind: str) -> None:
 
 
 def test_a_worker_killed_in_setup_is_named(kind: str) -> None:
-    result = run_example("--loop", kind, "--workers", "3", "--kill-worker", "2")
+    result = run_example(EXAMPLE, "--loop", kind, "--workers", "3", "--kill-worker", "2")
     assert result.returncode == 1
     pids = worker_pids(result.stdout)
     assert f"parent: start-up failed: worker 2 (pid {pids[2]}) died\n" in result.stdout
@@ -87,7 +77,7 @@ def test_a_worker_killed_in_setup_is_named(kind: str) -> None:
 
 
 def test_a_worker_that_never_drains_is_killed(kind: str) -> None:
-    result = run_example(
+    result = run_example(EXAMPLE,
         "--loop", kind, "--workers", "2", "--requests", "40", "--slow-drain", "0",
         "--drain-timeout", "1",
     )  # fmt: skip
@@ -99,27 +89,35 @@ def test_a_worker_that_never_drains_is_killed(kind: str) -> None:
     assert result.stderr == ""
 
 
+def start_server(
+    kind: str, *, wrapper: Sequence[str] = ()
+) -> tuple[subprocess.Popen[str], list[int]]:
+    """A long-running server of 2 workers in its own session: the parent and the workers'
+    pids, once it is ready."""
+    argv = [*wrapper, sys.executable, str(EXAMPLE), "--loop", kind, "--workers", "2"]
+    proc = subprocess.Popen(
+        [*argv, "--requests", "10000000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    assert proc.stdout is not None
+    lines = [proc.stdout.readline() for _ in range(2)]
+    ready = re.match(r"parent: ready: 2 workers synced \(pids \[(\d+), (\d+)\]\)", lines[1])
+    if ready is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise AssertionError(lines)
+    return proc, [int(pid) for pid in ready.groups()]
+
+
 def test_workers_exit_when_the_parent_is_killed(kind: str) -> None:
     """A worker's barrier tells it the parent is gone: it exits instead of serving on."""
-    proc = subprocess.Popen(
-        [sys.executable, str(EXAMPLE), "--loop", kind, "--workers", "2", "--requests", "10000000"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    proc, workers = start_server(kind)
     try:
-        assert proc.stdout is not None
-        lines = [proc.stdout.readline() for _ in range(2)]
-        ready = re.match(r"parent: ready: 2 workers synced \(pids \[(\d+), (\d+)\]\)", lines[1])
-        assert ready is not None, lines
-        pidfds = [os.pidfd_open(int(pid)) for pid in ready.groups()]
-        try:
-            proc.send_signal(signal.SIGKILL)
-            for pidfd in pidfds:
-                readable, _, _ = select.select([pidfd], [], [], SOON)
-                assert readable, "a worker outlived its parent"
-        finally:
-            for pidfd in pidfds:
-                os.close(pidfd)
+        proc.send_signal(signal.SIGKILL)
+        wait_gone(workers)
     finally:
         proc.kill()
         proc.communicate()
@@ -127,42 +125,15 @@ def test_workers_exit_when_the_parent_is_killed(kind: str) -> None:
 
 def test_ctrl_c_stops_everything_quietly(kind: str) -> None:
     """SIGINT to the whole process group, as a terminal's Ctrl-C sends it."""
-    argv = [
-        sys.executable,
-        str(EXAMPLE),
-        "--loop",
-        kind,
-        "--workers",
-        "2",
-        "--requests",
-        "10000000",
-    ]
     # Start with SIGINT at its default whatever this process inherited (a background
-    # shell ignores it), in a process group of its own.
+    # shell ignores it).
     reset = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
     reset += "os.execv(sys.argv[1], sys.argv[1:])"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", reset, *argv],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc, workers = start_server(kind, wrapper=[sys.executable, "-c", reset])
     try:
-        assert proc.stdout is not None
-        lines = [proc.stdout.readline() for _ in range(2)]
-        ready = re.match(r"parent: ready: 2 workers synced \(pids \[(\d+), (\d+)\]\)", lines[1])
-        assert ready is not None, lines
-        pidfds = [os.pidfd_open(int(pid)) for pid in ready.groups()]
-        try:
-            os.killpg(proc.pid, signal.SIGINT)
-            _, err = proc.communicate(timeout=SOON)
-            for pidfd in pidfds:
-                readable, _, _ = select.select([pidfd], [], [], SOON)
-                assert readable, "a worker outlived the interrupted parent"
-        finally:
-            for pidfd in pidfds:
-                os.close(pidfd)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=SOON)
+        wait_gone(workers)
         assert proc.returncode == 130
         assert err == "\nparent: interrupted; the workers exit on their own\n"
     finally:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_example
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "seqc_config.py"
 REPORT = re.compile(
@@ -16,20 +15,10 @@ REPORT = re.compile(
 )
 
 
-def run_example(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-X", "dev", "-W", "error", str(EXAMPLE), *args],
-        capture_output=True,
-        text=True,
-        timeout=50,
-        check=False,
-    )
-
-
 @pytest.mark.parametrize("latch", [False, True])
 def test_children_read_consistent_snapshots(kind: str, latch: bool) -> None:
     flags = ["--loop", kind, "--children", "2", "--seconds", "0.3", "--period", "2"]
-    result = run_example(*flags, *(["--latch"] if latch else []))
+    result = run_example(EXAMPLE, *flags, *(["--latch"] if latch else []))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Traceback" not in result.stderr
     lines = result.stdout.splitlines()
@@ -51,16 +40,18 @@ def test_children_read_consistent_snapshots(kind: str, latch: bool) -> None:
 
 
 def test_one_call_writes(kind: str) -> None:
-    result = run_example("--loop", kind, "--children", "1", "--seconds", "0.1", "--hold", "0")
+    result = run_example(
+        EXAMPLE, "--loop", kind, "--children", "1", "--seconds", "0.1", "--hold", "0"
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "parent: every snapshot was consistent" in result.stdout
 
 
 def test_usage() -> None:
-    result = run_example("--help")
+    result = run_example(EXAMPLE, "--help")
     assert result.returncode == 0
     assert "--loop" in result.stdout
     assert "--latch" in result.stdout
-    bad = run_example("--children", "0")
+    bad = run_example(EXAMPLE, "--children", "0")
     assert bad.returncode == 2
     assert "--children must be >= 1" in bad.stderr
