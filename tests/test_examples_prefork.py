@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
 from conftest import SOON, run_example, wait_gone
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "prefork_server.py"
@@ -56,24 +57,26 @@ def test_a_good_run(kind: str) -> None:
     assert [out.index(step) for step in steps] == sorted(out.index(step) for step in steps)
 
 
-def test_a_worker_whose_setup_fails_stops_the_start_up(kind: str) -> None:
-    result = run_example(EXAMPLE, "--loop", kind, "--workers", "3", "--fail-worker", "1")
+@pytest.mark.parametrize(
+    ("flag", "worker", "outcome", "stderr"),
+    [
+        ("--fail-worker", 1, "aborted", "worker 1: setup failed\n"),  # it aborts
+        ("--kill-worker", 2, "died", ""),  # SIGKILLed in its setup
+    ],
+)
+def test_a_failing_worker_stops_the_start_up(
+    kind: str, flag: str, worker: int, outcome: str, stderr: str
+) -> None:
+    result = run_example(EXAMPLE, "--loop", kind, "--workers", "3", flag, str(worker))
     assert result.returncode == 1
     pids = worker_pids(result.stdout)
-    assert f"parent: start-up failed: worker 1 (pid {pids[1]}) aborted\n" in result.stdout
-    assert_the_others_were_stopped_or_synced(result.stdout, pids, failed=1)
+    assert f"parent: start-up failed: worker {worker} (pid {pids[worker]}) {outcome}\n" in (
+        result.stdout
+    )
+    assert_the_others_were_stopped_or_synced(result.stdout, pids, failed=worker)
     assert "ready" not in result.stdout
     assert "summary" not in result.stdout
-    assert result.stderr == "worker 1: setup failed\n"
-
-
-def test_a_worker_killed_in_setup_is_named(kind: str) -> None:
-    result = run_example(EXAMPLE, "--loop", kind, "--workers", "3", "--kill-worker", "2")
-    assert result.returncode == 1
-    pids = worker_pids(result.stdout)
-    assert f"parent: start-up failed: worker 2 (pid {pids[2]}) died\n" in result.stdout
-    assert_the_others_were_stopped_or_synced(result.stdout, pids, failed=2)
-    assert result.stderr == ""
+    assert result.stderr == stderr
 
 
 def test_a_worker_that_never_drains_is_killed(kind: str) -> None:
