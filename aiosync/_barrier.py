@@ -375,18 +375,18 @@ class Barrier(Resource):
         return self._pipe_r if self._role is Role.PARENT else self._pipe_w
 
     def _on_readable(self, slot: _fd.LoopSlot[bool], fd: int) -> None:
-        queue = self._waitq
-        with queue.lock:
-            if self._me < 0:
-                return
-            self._pump(None)
-            if fd != self._them and not self._they_aborted:
-                # The pipe fired but did not end the wait. uvloop reports a pipe write
-                # end's error only once per registration, so register afresh (now, or
-                # with this loop's next waiter) rather than keep a spent registration.
-                queue._unregister(slot)
-                if slot.live:
-                    queue._register(slot)
+        # Called with the lock held (see _fd.Owner).
+        if self._me < 0:
+            return
+        self._pump(None)
+        if fd != self._them and not self._they_aborted:
+            # The pipe fired but did not end the wait. uvloop reports a pipe write end's
+            # error only once per registration, so register afresh (now, or with this
+            # loop's next waiter) rather than keep a spent registration.
+            queue = self._waitq
+            queue._unregister(slot)
+            if slot.live:
+                queue._register(slot)
 
     def _pump(self, blocked: Callable[[], bool] | None) -> None:
         """systemd's read loop, run once for everyone waiting now.

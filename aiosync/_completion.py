@@ -195,21 +195,21 @@ class Completion(Resource):
     # -- handing out (the fd callback) ----------------------------------------------------
 
     def _on_readable(self, slot: _fd.LoopSlot[bool], fd: int) -> None:
+        # Called with the lock held (see _fd.Owner).
         queue = self._waitq
-        with queue.lock:
-            if self._closed:
-                return
-            if self._all_done():
-                for any_slot in queue.slots():
-                    for everyone in queue.pending(any_slot):
-                        queue.release(everyone, False)
-                return
-            # Oldest first among this loop's waiters; another loop's registration serves
-            # its own waiters.
-            while (oldest := queue.first(slot)) is not None:
-                if not _fd.read_eventfd(self._count):
-                    break
-                queue.release(oldest, True)
+        if self._closed:
+            return
+        if self._all_done():
+            for any_slot in queue.slots():
+                for everyone in queue.pending(any_slot):
+                    queue.release(everyone, False)
+            return
+        # Oldest first among this loop's waiters; another loop's registration serves its
+        # own waiters.
+        while (oldest := queue.first(slot)) is not None:
+            if not _fd.read_eventfd(self._count):
+                break
+            queue.release(oldest, True)
 
     def _give_back(self, took_count: bool) -> None:
         # A waiter that stopped waiting had been handed a count: put it back.

@@ -15,10 +15,11 @@ the reader registrations of the fds it watches.
   waits, and always before the fd is closed (§5.2). The loop's callback holds only a
   weak reference to the primitive, so a primitive dropped without ``close()`` is still
   finalized (and warns).
-* The primitive decides what to read and whom to release, under the queue's lock, in
-  its ``_on_readable`` callback. A released waiter's future gets the result computed at
-  release time; a value read from an fd is applied to the primitive's state before any
-  future is resolved, so a ``CancelledError`` can never lose it (§5.4).
+* The primitive decides what to read and whom to release in its ``_on_readable``
+  callback, which the queue calls with its lock held. A released waiter's future gets
+  the result computed at release time; a value read from an fd is applied to the
+  primitive's state before any future is resolved, so a ``CancelledError`` can never
+  lose it (§5.4).
 * A waiter cancelled after it was handed something gives it back through the
   primitive's ``_give_back`` (``Task.cancel()`` still raises in a task whose future
   already holds a result). Waiters whose future is already done are skipped when
@@ -267,7 +268,8 @@ class Owner(Protocol):
     def _on_readable(self, slot: Any, fd: int) -> None:
         """One of the watched fds fired in `slot`'s loop, whose waiters are not all gone.
 
-        Called in that loop's thread, without the lock held.
+        Called in that loop's thread, with the queue's lock held (one lock round trip
+        per event: the check that someone waits and the primitive's work are one step).
         """
 
     def _give_back(self, result: Any) -> None:
@@ -299,7 +301,7 @@ def _dispatch(owner_ref: weakref.ref[Owner], slot: LoopSlot[Any], fd: int) -> No
             # before it) does not count: `first` settles it.
             queue._unregister(slot)
             return
-    owner._on_readable(slot, fd)
+        owner._on_readable(slot, fd)
 
 
 def _deliver(queue: WaitQueue[T], waiter: Waiter[T], result: T) -> None:

@@ -189,11 +189,11 @@ class Tally:
                 queue.release(waiter, 1)
 
     def _on_readable(self, slot: _fd.LoopSlot[int], fd: int) -> None:
+        # Called with the lock held, as for every primitive.
         self.before_read()
-        with self._waitq.lock:
-            self.readable += 1
-            self.units += _fd.read_eventfd(self.fd)
-            self._hand_out()
+        self.readable += 1
+        self.units += _fd.read_eventfd(self.fd)
+        self._hand_out()
         self.after_read()
 
     def _give_back(self, result: int) -> None:
