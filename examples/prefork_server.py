@@ -48,6 +48,7 @@ CONFIG = "qq"  # version, response delay in microseconds
 FIRST_CONFIG = (1, 5000)
 SECOND_CONFIG = (2, 2000)
 SQUARES = 1000  # the "cache" each worker warms up: answers for n % SQUARES
+ACCEPT_PAUSE = 0.005  # seconds a worker leaves the next pending connection to the others
 
 
 # ---------------------------------------------------------------------------------------
@@ -331,14 +332,17 @@ async def worker(args: argparse.Namespace) -> int:
                     connections.none_open.set()
 
         async def accept() -> None:
-            # One connection per wake-up, so that the workers share the connections
-            # (asyncio.start_server would take every pending one at once).
+            # Every worker waits on the same listening socket and the kernel wakes them
+            # all; the first to call accept() wins. asyncio.start_server would take every
+            # pending connection at once, so accept one, then pause a moment: the other
+            # workers get their turn at the connections still pending.
             loop = asyncio.get_running_loop()
             listener.setblocking(False)
             while True:
                 conn, _ = await loop.sock_accept(listener)
                 reader, writer = await asyncio.open_connection(sock=conn)
                 handlers.add(asyncio.create_task(serve(reader, writer)))
+                await asyncio.sleep(ACCEPT_PAUSE)
 
         handlers: set[asyncio.Task[None]] = set()
         accepting = asyncio.create_task(accept())
