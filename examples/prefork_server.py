@@ -45,8 +45,8 @@ from dataclasses import dataclass, field
 import aiosync
 
 CONFIG = "qq"  # version, response delay in microseconds
-FIRST_CONFIG = (1, 5000)
-SECOND_CONFIG = (2, 2000)
+FIRST_CONFIG = (1, 8000)
+SECOND_CONFIG = (2, 4000)
 SQUARES = 1000  # the "cache" each worker warms up: answers for n % SQUARES
 ACCEPT_PAUSE = 0.005  # seconds a worker leaves the next pending connection to the others
 
