@@ -415,6 +415,8 @@ class WaitQueue(Generic[T]):
 
     def pending(self, slot: LoopSlot[T]) -> list[Waiter[T]]:
         """All pending waiters of `slot`, oldest first; dead ones are dropped."""
+        if not slot.live:  # nothing to hand out here; dead ones go with the next hand-out
+            return []
         alive = [w for w in slot.waiters if w.state == PENDING and not w.future.done()]
         if len(alive) != len(slot.waiters):
             for waiter in slot.waiters:
@@ -437,7 +439,8 @@ class WaitQueue(Generic[T]):
         """Hand `result` to `waiter` (from any thread)."""
         slot = waiter.slot
         waiter.state = RELEASED
-        self._gone(slot)
+        slot.live -= 1  # self._gone(slot), inlined: this runs once per wait
+        self.waiting -= 1
         if slot.thread == threading.get_ident():
             waiter.future.set_result(result)
         else:

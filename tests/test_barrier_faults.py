@@ -576,6 +576,15 @@ def test_place_fails_when_the_eventfd_is_full(role: Role) -> None:
         assert b.abort() is False  # nothing more to write; they count as aborted
 
 
+async def test_place_and_sync_fails_when_the_eventfd_is_full() -> None:
+    with Barrier() as b:
+        b.set_role(Role.PARENT)
+        fill(b, EVENTFD_MAX)  # no room at all
+        assert await b.place_and_sync() is False  # at once: nothing placed, no wait
+        assert repr(b) == "<aiosync.Barrier role=PARENT barriers=0 aborted=both>"
+        assert b._waitq.waiting == 0
+
+
 def test_abort_fails_when_the_eventfd_is_nearly_full() -> None:
     with Barrier() as b:
         b.set_role(Role.PARENT)
