@@ -417,7 +417,12 @@ class WaitQueue(Generic[T]):
         """All pending waiters of `slot`, oldest first; dead ones are dropped."""
         if not slot.live:  # nothing to hand out here; dead ones go with the next hand-out
             return []
-        alive = [w for w in slot.waiters if w.state == PENDING and not w.future.done()]
+        waiters = slot.waiters
+        if len(waiters) == 1:  # the usual case, without a list comprehension's frame
+            waiter = waiters[0]
+            if waiter.state == PENDING and not waiter.future.done():
+                return [waiter]
+        alive = [w for w in waiters if w.state == PENDING and not w.future.done()]
         if len(alive) != len(slot.waiters):
             for waiter in slot.waiters:
                 self._settle(waiter)
