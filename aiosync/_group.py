@@ -15,7 +15,9 @@ plus the pid of each child. Its calls are the Barrier calls applied to every mem
 * Each member's outcome comes from its own result and state: True is *synced*; False
   with `Barrier.peer_exited` is *died* (the child exited or was killed without
   aborting); False with `Barrier.they_aborted` is *aborted* (the child aborted); any
-  other False is *stopped* (this side aborted before the child synced).
+  other False came from this side's own abort: *synced* if the child had caught up
+  (the counter says no wait is needed), else *stopped*. Each member is sorted the
+  moment its wait is released, before anything else can change it.
 * ``wait_abortion()`` parks a ``wait_abortion()`` waiter on every member and returns
   at the first release, naming every child known by then to have aborted or died.
 
@@ -34,8 +36,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import enum
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, Final
 
 from . import _fd
 from ._barrier import Barrier, Role
@@ -55,13 +58,14 @@ class GroupResult:
     """
 
     synced: tuple[int, ...] = ()
-    """Children whose sync succeeded."""
+    """Children whose sync succeeded (or that had caught up when this side aborted)."""
     aborted: tuple[int, ...] = ()
     """Children that aborted (called ``abort()``) before syncing."""
     died: tuple[int, ...] = ()
-    """Children that exited or were killed without aborting, before syncing."""
+    """Children that exited, were killed, or exec'd without passing their fds on,
+    without aborting, before syncing."""
     stopped: tuple[int, ...] = ()
-    """Children that had not synced when this side aborted (`BarrierGroup.abort`, or
+    """Children still behind when this side aborted (`BarrierGroup.abort`, or
     ``abort_on_failure``)."""
 
     @property
@@ -193,10 +197,12 @@ class BarrierGroup(Resource):
         A child that needs no wait counts as synced at once, without I/O (so a child
         that already exited is not noticed, as with `Barrier.sync`).
 
-        With ``abort_on_failure=True`` the first child that aborts or dies aborts the
-        whole group: the others stop waiting and are reported as ``stopped`` (and they
-        see the abort at their next wait). Cancellation or a timeout leaves every
-        member as if the sync had not started.
+        With ``abort_on_failure=True`` the first child that aborts or dies (or one
+        already known to have) aborts the whole group: the children still behind stop
+        waiting and are reported as ``stopped`` (they see the abort at their next
+        wait). Cancellation or a timeout takes back every wait still parked; what the
+        members read stays counted, so a later `sync` carries on from there. (An abort
+        that ``abort_on_failure`` already made stays made.)
         """
         self._check_ready()
         return await self._sync(abort_on_failure)
@@ -227,51 +233,44 @@ class BarrierGroup(Resource):
                         future.result()  # ClosedResourceError if closed meanwhile
             finally:
                 _abandon(parked.values())
-        return self._outcome(None)
+        return self._result([_abortion(b) for b in self._barriers])
 
     async def _sync(self, abort_on_failure: bool) -> GroupResult:
         barriers = self._barriers
-        results: list[bool | None] = [None] * len(barriers)
+        outcomes: list[Outcome | None] = [None] * len(barriers)
         parked: dict[asyncio.Future[bool], tuple[Barrier, _fd.Waiter[bool]]] = {}
         index: dict[asyncio.Future[bool], int] = {}
         try:
             for i, barrier in enumerate(barriers):
                 started = barrier._start_read(0)
                 if type(started) is bool:
-                    results[i] = started
+                    outcomes[i] = _outcome(barrier, started)
                 else:
                     parked[started.future] = (barrier, started)
                     index[started.future] = i
-            if abort_on_failure and False in results and parked:
+            if abort_on_failure and any(o in FAILED for o in outcomes):
                 self.abort()  # releases every parked sync with False
             while parked:
                 for future in await _wait(parked, first=abort_on_failure):
-                    del parked[future]
-                    result = results[index[future]] = future.result()  # raises if closed
-                    if not result and abort_on_failure:
+                    barrier, _ = parked.pop(future)
+                    # Sorted as it is released, before anything else can change the
+                    # member (a wait_abortion() of another task reading on, say).
+                    outcome = _outcome(barrier, future.result())  # raises if closed
+                    outcomes[index[future]] = outcome
+                    if abort_on_failure and outcome in FAILED:
                         self.abort()
         finally:
             _abandon(parked.values())
-        return self._outcome(results)
+        return self._result(outcomes)
 
-    def _outcome(self, results: list[bool | None] | None) -> GroupResult:
-        """Sort the children by what their members say now (`results`: of a sync)."""
-        synced: list[int] = []
-        aborted: list[int] = []
-        died: list[int] = []
-        stopped: list[int] = []
-        for i, barrier in enumerate(self._barriers):
+    def _result(self, outcomes: list[Outcome | None]) -> GroupResult:
+        """The children by outcome (None: not reported), in group order."""
+        by: dict[Outcome | None, list[int]] = {o: [] for o in (*Outcome, None)}
+        for barrier, outcome in zip(self._barriers, outcomes, strict=True):
             pid = barrier.peer_pid
             assert pid is not None  # _check_ready
-            if results is not None and results[i]:
-                synced.append(pid)
-            elif barrier.peer_exited:
-                died.append(pid)
-            elif barrier.they_aborted:
-                aborted.append(pid)
-            elif results is not None:
-                stopped.append(pid)
-        return GroupResult(tuple(synced), tuple(aborted), tuple(died), tuple(stopped))
+            by[outcome].append(pid)
+        return GroupResult(*(tuple(by[o]) for o in Outcome))
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -317,17 +316,54 @@ async def _wait(
     On cancellation the caller abandons the waiters (which also gives back anything
     one was handed in the meantime).
     """
+    done = {future for future in parked if future.done()}
+    if done:  # released meanwhile (by our own abort, say): no need to wait
+        return done
     if len(parked) == 1:  # awaited directly, as Barrier.sync() awaits its own
         (future,) = parked
-        if not future.done():
-            try:
-                await future
-            except Exception:
-                pass  # the caller takes it from future.result()
+        try:
+            await future
+        except Exception:
+            pass  # the caller takes it from future.result()
         return {future}
-    when = asyncio.FIRST_COMPLETED if first else asyncio.ALL_COMPLETED
+    # All of them, but at once if one fails (a member closed meanwhile).
+    when = asyncio.FIRST_COMPLETED if first else asyncio.FIRST_EXCEPTION
     done, _ = await asyncio.wait(parked, return_when=when)
     return done
+
+
+class Outcome(enum.IntEnum):
+    """What became of one child, in the order of GroupResult's fields."""
+
+    SYNCED = 0
+    ABORTED = 1
+    DIED = 2
+    STOPPED = 3
+
+
+FAILED: Final = (Outcome.ABORTED, Outcome.DIED)
+
+
+def _outcome(barrier: Barrier, synced: bool) -> Outcome:
+    """A member's outcome, from the result of its sync and its state now."""
+    if synced:
+        return Outcome.SYNCED
+    if barrier.peer_exited:
+        return Outcome.DIED
+    if barrier.they_aborted:
+        return Outcome.ABORTED
+    if barrier._barriers <= 0:
+        return Outcome.SYNCED  # it had caught up: only this side's abort said False
+    return Outcome.STOPPED
+
+
+def _abortion(barrier: Barrier) -> Outcome | None:
+    """A member's outcome for wait_abortion(): only children that aborted or died."""
+    if barrier.peer_exited:
+        return Outcome.DIED
+    if barrier.they_aborted:
+        return Outcome.ABORTED
+    return None
 
 
 def _abandon(parked: Iterable[tuple[Barrier, _fd.Waiter[bool]]]) -> None:

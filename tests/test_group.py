@@ -79,6 +79,16 @@ async def kill(proc: Process) -> None:
     assert await soon(proc.wait()) == -9
 
 
+async def until(condition: Callable[[], bool]) -> None:
+    """Let the loop run until `condition` holds (bounded: fails the test after SOON s).
+
+    For a state the loop reaches by itself once an fd event that is already pending in
+    the kernel is processed: a few iterations."""
+    async with asyncio.timeout(SOON):
+        while not condition():
+            await asyncio.sleep(0)
+
+
 def pids(procs: list[Process], *indices: int) -> tuple[int, ...]:
     return tuple(procs[i].pid for i in indices)
 
@@ -273,13 +283,31 @@ def test_any_mix_of_outcomes_is_reported_child_by_child(
 async def test_group_abort_reaches_every_child() -> None:
     with BarrierGroup(3) as group:
         async with children(group, "watch", "watch", "watch") as procs:
+            assert group.place() is True  # the children (watching only) are behind now
             assert group.abort() is True  # nobody known to have aborted
             assert group.abort() is True  # again: nothing changes
             for proc in procs:
                 assert await line(proc) == "abortion True"
             assert group.place() is False  # aborted: nothing placed
-            # Aborted before it read anything: nothing is known of the children.
+            # Aborted before it read anything: nothing is known of the children, which
+            # were still behind.
             assert await soon(group.sync()) == GroupResult(stopped=pids(procs, 0, 1, 2))
+
+
+async def test_a_sync_after_our_abort_still_names_who_had_synced() -> None:
+    """As a parent that gives up on a slow start-up does: abort, then sort them out."""
+    with BarrierGroup(2) as group:
+        async with children(group, "go-sync", "go-sync") as procs:
+            task = await assert_blocks(group.place_and_sync())
+            await go(procs[0])
+            assert await line(procs[0]) == "synced True"
+            await until(lambda: group[0]._barriers == 0)  # we read its barrier
+            task.cancel()  # a timeout, say
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            group.abort()
+            result = await soon(group.sync())
+            assert result == GroupResult(synced=pids(procs, 0), stopped=pids(procs, 1))
 
 
 async def test_wait_abortion_names_the_first_child_gone() -> None:
@@ -332,9 +360,12 @@ async def test_cancelled_sync_loses_nothing() -> None:
             task = await assert_blocks(group.place_and_sync())
             await go(procs[0])
             assert await line(procs[0]) == "synced True"  # child 0's barrier is placed
+            await until(lambda: group[0]._barriers == 0)  # and read: member 0 released
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
+            assert [b._waitq.waiting for b in group] == [0, 0]
+            assert [b._barriers for b in group] == [0, 1]  # what was read stays read
             await go(procs[1])
             assert await line(procs[1]) == "synced True"
             # Whatever the cancelled sync read is counted; the rest is read now.
@@ -349,9 +380,39 @@ async def test_timeout_is_the_callers() -> None:
             with pytest.raises(TimeoutError):
                 async with asyncio.timeout(0.05):
                     await group.place_and_sync()
+            assert [b._waitq.waiting for b in group] == [0, 0]
             for proc in procs:
                 await go(proc)
             assert await soon(group.sync()) == GroupResult(synced=pids(procs, 0, 1))
+
+
+async def test_cancelled_sync_of_a_one_child_group() -> None:
+    """One parked member is awaited directly: the cancellation reaches its future."""
+    with BarrierGroup(1) as group:
+        async with children(group, "go-sync") as procs:
+            task = await assert_blocks(group.place_and_sync())
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert group[0]._waitq.waiting == 0
+            await go(procs[0])
+            assert await soon(group.sync()) == GroupResult(synced=pids(procs, 0))
+            assert await line(procs[0]) == "synced True"
+
+
+async def test_cancelled_sync_with_abort_on_failure_aborts_nothing() -> None:
+    with BarrierGroup(2) as group:
+        async with children(group, "go-sync", "go-sync") as procs:
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.05):
+                    await group.place_and_sync(abort_on_failure=True)
+            assert [b._waitq.waiting for b in group] == [0, 0]
+            assert not any(b.is_aborted for b in group)
+            for proc in procs:
+                await go(proc)
+            assert await soon(group.sync(abort_on_failure=True)) == GroupResult(
+                synced=pids(procs, 0, 1)
+            )
 
 
 async def test_cancelled_wait_abortion_leaves_no_waiter() -> None:
