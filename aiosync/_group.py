@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+import os
 from collections.abc import Iterable, Iterator
 from typing import Any, Final
 
@@ -149,7 +150,8 @@ class BarrierGroup(Resource):
 
         Only for children not started by `aiosync.create_subprocess_exec` (which does
         this itself): after ``os.fork()`` or ``multiprocessing.Process.start()``. Sets
-        the member's role to PARENT if it is not set yet.
+        the member's role to PARENT if it is not set yet. A forked child must call
+        `child` (see there); a spawn or forkserver child gets only its own member.
         """
         self._check_open()
         if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
@@ -160,6 +162,31 @@ class BarrierGroup(Resource):
         elif barrier.role is not Role.PARENT:
             raise RuntimeError(f"member {index} is the CHILD side; a group is the parent's")
         barrier._peer_pid = pid
+
+    def child(self, index: int) -> Barrier:
+        """In a child forked with the whole group: keep member `index`, close the rest.
+
+        After ``os.fork()``, or ``multiprocessing`` with the fork start method (the
+        default on Linux before Python 3.14), a child inherits every member's fds. Held
+        open there, a sibling's pipe end would hide that sibling's death from the
+        parent. Call this first thing in the child: it closes every other member here,
+        sets member `index` to the CHILD role and returns it. The group object itself
+        is spent in this process (closed); the parent's is untouched.
+        """
+        self._check_open()
+        mine = self._barriers[index]
+        if mine.role is not None:
+            raise RuntimeError(
+                f"member {index} already has a role ({mine.role.name}): call child() in "
+                "the forked child, before anything else"
+            )
+        for barrier in self._barriers:
+            if barrier is not mine:
+                barrier.close()
+        mine.set_role(Role.CHILD)
+        mine._peer_pid = os.getppid()
+        self._closed = True
+        return mine
 
     # -- placing and aborting (never block) -------------------------------------------
 

@@ -122,8 +122,10 @@ async def parent(args: argparse.Namespace) -> int:
             group.place()  # the workers' wait_next() returns True: drain
             late = await wait_drained(drained, args.drain_timeout)
             for i in late:
-                print(f"parent: {names[procs[i].pid]} did not drain: killed", flush=True)
-                procs[i].kill()
+                if procs[i].returncode is None:  # (one that died meanwhile is gone)
+                    print(f"parent: {names[procs[i].pid]} did not drain: killed", flush=True)
+                    with contextlib.suppress(ProcessLookupError):
+                        procs[i].kill()
             await client_close(connections, stats)
         finally:
             for conn in connections:
@@ -154,7 +156,8 @@ async def reap(procs: Sequence[asyncio.subprocess.Process], grace: float) -> lis
             async with asyncio.timeout(grace):
                 statuses.append(await proc.wait())
         except TimeoutError:
-            proc.kill()
+            with contextlib.suppress(ProcessLookupError):  # it may just have exited
+                proc.kill()
             statuses.append(await proc.wait())
     return statuses
 

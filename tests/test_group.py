@@ -13,6 +13,7 @@ import contextlib
 import multiprocessing
 import pickle
 import random
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -474,6 +475,45 @@ def test_multiprocessing_children_attached_by_pid(method: str, kind: str) -> Non
             for proc in procs:
                 proc.join(SOON)
         assert [p.exitcode for p in procs] == [0, 0]
+
+
+def _forked_child(group: BarrierGroup, index: int, kind: str, hang: bool) -> None:
+    gate = group.child(index)  # closes the siblings' members in this process
+    if not hang:
+        run_on(kind, gate.place_and_sync())
+    time.sleep(SOON * 3)  # alive (holding whatever it holds) until the parent kills it
+
+
+def test_forked_children_hide_no_sibling_death(kind: str) -> None:
+    """multiprocessing with fork: every child inherits the whole group. With child(),
+    child 0 holds none of child 1's fds, so child 1's death reaches the parent."""
+    ctx: Any = multiprocessing.get_context("fork")
+    with BarrierGroup(2) as group:
+        procs = [ctx.Process(target=_forked_child, args=(group, i, kind, i == 1)) for i in range(2)]
+        try:
+            for i, proc in enumerate(procs):
+                proc.start()
+                group.attach(i, proc.pid)
+
+            async def parent() -> GroupResult:
+                task = await assert_blocks(group.place_and_sync())
+                procs[1].kill()
+                return await soon(task)
+
+            result = run_on(kind, parent())
+            assert result == GroupResult(synced=(procs[0].pid,), died=(procs[1].pid,))
+        finally:
+            for proc in procs:
+                proc.kill()
+                proc.join(SOON)
+
+
+def test_child_refuses_a_member_with_a_role() -> None:
+    with BarrierGroup(2) as group:
+        group.attach(0, 100)
+        with pytest.raises(RuntimeError, match="already has a role"):
+            group.child(0)
+        assert repr(group[1]).startswith("<aiosync.Barrier role=unset")  # nothing closed
 
 
 # ---------------------------------------------------------------------------------------
