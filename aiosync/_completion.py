@@ -199,13 +199,15 @@ class Completion(Resource):
         queue = self._waitq
         if self._closed:
             return
-        if self._all_done():
+        if fd == self._all:  # complete_all() is in force: everyone goes, taking nothing
             for any_slot in queue.slots():
                 for everyone in queue.pending(any_slot):
                     queue.release(everyone, False)
             return
-        # Oldest first among this loop's waiters; another loop's registration serves its
-        # own waiters.
+        # A count: oldest first among this loop's waiters; another loop's registration
+        # serves its own waiters. (No look at the all-done flag first, which would cost
+        # a poll per hand-off: if complete_all() is in force too, its fd's callback
+        # releases everyone else, and a count taken meanwhile is one reinit() drops.)
         while (oldest := queue.first(slot)) is not None:
             if not _fd.read_eventfd(self._count):
                 break
