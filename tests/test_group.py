@@ -302,7 +302,7 @@ async def test_a_sync_after_our_abort_still_names_who_had_synced() -> None:
             task = await assert_blocks(group.place_and_sync())
             await go(procs[0])
             assert await line(procs[0]) == "synced True"
-            await until(lambda: group[0]._barriers == 0)  # we read its barrier
+            await until(lambda: group[0]._barriers <= 0)  # we read its barrier
             task.cancel()  # a timeout, say
             with pytest.raises(asyncio.CancelledError):
                 await task
@@ -361,12 +361,14 @@ async def test_cancelled_sync_loses_nothing() -> None:
             task = await assert_blocks(group.place_and_sync())
             await go(procs[0])
             assert await line(procs[0]) == "synced True"  # child 0's barrier is placed
-            await until(lambda: group[0]._barriers == 0)  # and read: member 0 released
+            # Read: member 0 released (-1 if its second barrier came along already).
+            await until(lambda: group[0]._barriers <= 0)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
             assert [b._waitq.waiting for b in group] == [0, 0]
-            assert [b._barriers for b in group] == [0, 1]  # what was read stays read
+            assert group[0]._barriers <= 0  # what was read stays read
+            assert group[1]._barriers == 1
             await go(procs[1])
             assert await line(procs[1]) == "synced True"
             # Whatever the cancelled sync read is counted; the rest is read now.
