@@ -115,7 +115,7 @@ async def parent(args: argparse.Namespace) -> int:
             half = args.requests // 2
             await client_run(connections, 0, half, stats, args.requests)
             cfg.write(*SECOND_CONFIG)  # every request from here on sees version 2
-            print(f"parent: configuration changed to version {SECOND_CONFIG[0]}", flush=True)
+            stats.say(f"parent: configuration changed to version {SECOND_CONFIG[0]}")
             await client_run(connections, half, args.requests, stats, args.requests)
 
             print("parent: asking the workers to drain", flush=True)
@@ -183,12 +183,21 @@ class Stats:
     started: float = field(default_factory=time.perf_counter)
     elapsed: float = 0.0
     shown: int = 0
+    in_place: bool = False  # a progress line is on the terminal, not ended yet
+
+    def say(self, text: str) -> None:
+        """Print a line of its own, below the progress line if one is showing."""
+        if self.in_place:
+            print()
+            self.in_place = False
+        print(text, flush=True)
 
     def progress(self, total: int) -> None:
         done = len(self.latencies) + self.errors
         if sys.stdout.isatty():
             if done % 100 == 0 or done == total:
                 print(f"\rclient: {done}/{total} requests", end="", flush=True)
+                self.in_place = done != total
                 if done == total:
                     print()
         elif done * 4 // total != self.shown:  # every quarter

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pty
 import re
 import signal
 import subprocess
@@ -52,9 +54,37 @@ def test_a_good_run(kind: str) -> None:
     assert sum(int(c) for c in counts.groups()) == 200
     assert "shutdown: 3 of 3 workers drained; killed: none\n" in out
     assert "connections closed by the workers: 4\n" in out
+    assert "client: 200/200 requests\n" in out
+    assert "\r" not in out  # not a terminal: plain lines, no progress updated in place
     # The order of the story.
     steps = ["ready", "configuration changed", "asking the workers to drain", "summary"]
     assert [out.index(step) for step in steps] == sorted(out.index(step) for step in steps)
+
+
+def test_the_progress_line_on_a_terminal(kind: str) -> None:
+    """On a terminal the progress line is updated in place, and the parent's messages
+    during the run start a line of their own."""
+    primary, secondary = pty.openpty()
+    with os.fdopen(primary, "rb", buffering=0) as terminal:
+        proc = subprocess.Popen(
+            [sys.executable, "-X", "dev", "-W", "error", str(EXAMPLE), "--loop", kind,
+             "--workers", "2", "--requests", "200", "--connections", "2"],
+            stdout=secondary,
+            stderr=subprocess.PIPE,
+        )  # fmt: skip
+        os.close(secondary)
+        chunks = []
+        with contextlib.suppress(OSError):  # EIO: the program exited, the terminal closed
+            while chunk := terminal.read(4096):
+                chunks.append(chunk)
+        _, err = proc.communicate(timeout=SOON)
+    out = b"".join(chunks).decode()
+    assert proc.returncode == 0, out + err.decode()
+    assert err == b""
+    # The terminal turns each "\n" into "\r\n"; a bare "\r" goes back to the line start.
+    assert "\rclient: 100/200 requests\r\nparent: configuration changed to version 2\r\n" in out
+    assert "\rclient: 200/200 requests\r\nparent: asking the workers to drain\r\n" in out
+    assert "summary: 200 requests" in out
 
 
 @pytest.mark.parametrize(
