@@ -21,8 +21,12 @@ plus the pid of each child. Its calls are the Barrier calls applied to every mem
 * ``wait_abortion()`` parks a ``wait_abortion()`` waiter on every member and returns
   at the first release, naming every child known by then to have aborted or died.
 
-Invariants: the group owns its members (closing it closes them); a member's state is
-only ever changed by that member's own code, so everything the Barrier guarantees
+* A child forked with the whole group keeps only its own member (``child()``): a
+  sibling's pipe end held open there would hide that sibling's death.
+
+Invariants: the group owns its members (closing it closes them); a member's counter
+and abort flags are only ever changed by that member's own code (the group sets only
+the pid it reports), so everything the Barrier guarantees
 (values applied before anyone is released, nothing lost to a cancellation) holds per
 member. A cancelled or failed group wait abandons every waiter it parked, as a
 cancelled ``Barrier.sync()`` abandons its own: whatever the members read stays counted.
