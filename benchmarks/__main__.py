@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> None:
     modules = sorted(
         m.name for m in pkgutil.iter_modules([str(here)]) if m.name.startswith("bench_")
     )
+    unknown = set(args.names) - {m.removeprefix("bench_") for m in modules}
+    if unknown:
+        parser.error(f"no benchmark {', '.join(sorted(unknown))} (benchmarks/bench_NAME.py)")
     for name in modules:
         if args.names and name.removeprefix("bench_") not in args.names:
             continue
@@ -35,20 +38,35 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\n=== {name} ===", flush=True)
         module.main(["--quick"] if args.quick else [])
     sys.stdout.flush()
-    if not _results.RECORDED:
-        return
-    data = _results.save(_results.RECORDED, args.quick)
-    print(f"\nresults: {_results.RESULTS.relative_to(_results.ROOT)}")
-    report.update(data=data)
-    print(f"report: {report.PAGE.relative_to(_results.ROOT)}")
-    if args.no_chart:
+    if _results.RECORDED:
+        publish(_results.RECORDED, args.quick, draw=not args.no_chart)
+
+
+def publish(
+    found: list[_results.Figure],
+    quick: bool,
+    draw: bool = True,
+    results: Path = _results.RESULTS,
+    page: Path = report.PAGE,
+    png: Path = chart.PNG,
+) -> None:
+    """Merge `found` into results.json, rewrite the page's tables, redraw the chart."""
+    data = _results.save(found, quick, results)
+    print(f"\nresults: {_shown(results)}")
+    report.update(page, data)
+    print(f"report: {_shown(page)}")
+    if not draw:
         return
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         print("chart: skipped (matplotlib is not installed: pip install -e '.[bench]')")
         return
-    print(f"chart: {chart.draw(data).relative_to(_results.ROOT)}")
+    print(f"chart: {_shown(chart.draw(data, png))}")
+
+
+def _shown(path: Path) -> str:
+    return str(path.relative_to(_results.ROOT) if path.is_relative_to(_results.ROOT) else path)
 
 
 if __name__ == "__main__":

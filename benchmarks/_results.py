@@ -58,7 +58,11 @@ class Figure:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Figure:
-        checks = [Check(**c) for c in data.get("checks", [])]
+        # "met" is stored for readers of the file; it is recomputed, never trusted.
+        checks = [
+            Check(c["label"], float(c["ratio"]), float(c["target"]), bool(c["at_most"]))
+            for c in data.get("checks", [])
+        ]
         return cls(
             primitive=data["primitive"],
             measure=data["measure"],
@@ -98,17 +102,25 @@ def figures(data: dict[str, Any]) -> list[Figure]:
 def merge(data: dict[str, Any], new: list[Figure], quick: bool) -> dict[str, Any]:
     """`data` with every primitive measured in `new` replaced by the new figures."""
     fresh = {f.primitive for f in new}
-    kept = [f for f in data["figures"] if f["primitive"] not in fresh]
+    kept = [Figure.from_json(f) for f in data["figures"] if f["primitive"] not in fresh]
     runs = dict(data["runs"])
     about = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "python": sys.version.split()[0],
         "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs",
+        "cpus": os.cpu_count(),
         "quick": quick,
     }
     for primitive in fresh:
         runs[primitive] = about
-    return {"runs": runs, "figures": kept + [asdict(f) for f in new]}
+    return {"runs": runs, "figures": [_as_json(f) for f in kept + new]}
+
+
+def _as_json(figure: Figure) -> dict[str, Any]:
+    data = asdict(figure)
+    for check, stored in zip(figure.checks, data["checks"], strict=True):
+        stored["met"] = check.met
+    return data
 
 
 def save(new: list[Figure], quick: bool, path: Path = RESULTS) -> dict[str, Any]:
