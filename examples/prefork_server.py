@@ -126,7 +126,7 @@ async def parent(args: argparse.Namespace) -> int:
                     print(f"parent: {names[procs[i].pid]} did not drain: killed", flush=True)
                     with contextlib.suppress(ProcessLookupError):
                         procs[i].kill()
-            await client_close(connections, stats)
+            await client_close(connections, stats, args.drain_timeout)
         finally:
             for conn in connections:
                 conn.writer.close()
@@ -262,11 +262,11 @@ async def client_run(
     stats.elapsed = time.perf_counter() - stats.started
 
 
-async def client_close(connections: Sequence[Connection], stats: Stats) -> None:
+async def client_close(connections: Sequence[Connection], stats: Stats, grace: float) -> None:
     """After the drain: every connection a worker closed reads EOF."""
     for conn in connections:
         with contextlib.suppress(OSError, TimeoutError):
-            async with asyncio.timeout(1.0):
+            async with asyncio.timeout(grace):
                 if await conn.reader.read() == b"":
                     stats.closed_by_server += 1
 
