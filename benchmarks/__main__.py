@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-chart", action="store_true", help="do not redraw the chart")
     parser.add_argument("names", nargs="*", help="only these (e.g. barrier group completion seqc)")
     args = parser.parse_args(argv)
+    load_before = os.getloadavg()[0]
     here = Path(__file__).parent
     modules = sorted(
         m.name for m in pkgutil.iter_modules([str(here)]) if m.name.startswith("bench_")
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
         module.main(["--quick"] if args.quick else [])
     sys.stdout.flush()
     if _results.RECORDED:
-        publish(_results.RECORDED, args.quick, draw=not args.no_chart)
+        publish(_results.RECORDED, args.quick, draw=not args.no_chart, load_before=load_before)
 
 
 def publish(
@@ -49,9 +51,10 @@ def publish(
     results: Path = _results.RESULTS,
     page: Path = report.PAGE,
     png: Path = chart.PNG,
+    load_before: float | None = None,
 ) -> None:
     """Merge `found` into results.json, rewrite the page's tables, redraw the chart."""
-    data = _results.save(found, quick, results)
+    data = _results.save(found, quick, results, load_before)
     print(f"\nresults: {_shown(results)}")
     report.update(page, data)
     print(f"report: {_shown(page)}")

@@ -99,18 +99,26 @@ def figures(data: dict[str, Any]) -> list[Figure]:
     return [Figure.from_json(f) for f in data["figures"]]
 
 
-def merge(data: dict[str, Any], new: list[Figure], quick: bool) -> dict[str, Any]:
-    """`data` with every primitive measured in `new` replaced by the new figures."""
+def merge(
+    data: dict[str, Any], new: list[Figure], quick: bool, load: float | None = None
+) -> dict[str, Any]:
+    """`data` with every primitive measured in `new` replaced by the new figures.
+
+    `load` is the machine's 1-minute load average when the run started: on a shared
+    machine, what else was running (the run itself keeps one or two CPUs busy).
+    """
     fresh = {f.primitive for f in new}
     kept = [Figure.from_json(f) for f in data["figures"] if f["primitive"] not in fresh]
     runs = dict(data["runs"])
-    about = {
+    about: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "python": sys.version.split()[0],
         "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs",
         "cpus": os.cpu_count(),
         "quick": quick,
     }
+    if load is not None:
+        about["load_before"] = round(load, 2)
     for primitive in fresh:
         runs[primitive] = about
     return {"runs": runs, "figures": [_as_json(f) for f in kept + new]}
@@ -123,7 +131,9 @@ def _as_json(figure: Figure) -> dict[str, Any]:
     return data
 
 
-def save(new: list[Figure], quick: bool, path: Path = RESULTS) -> dict[str, Any]:
-    data = merge(load(path), new, quick)
+def save(
+    new: list[Figure], quick: bool, path: Path = RESULTS, load_before: float | None = None
+) -> dict[str, Any]:
+    data = merge(load(path), new, quick, load_before)
     path.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
     return data

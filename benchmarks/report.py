@@ -40,9 +40,11 @@ def tables(data: dict[str, Any]) -> str:
         parts.append(f"### {primitive}: {measure}\n")
         if about:
             quick = " (a quick run: fewer rounds)" if about.get("quick") else ""
+            load = about.get("load_before")
+            busy = "" if load is None else f", load average {load:.2f} at the start"
             parts.append(
                 f"{group[0].unit}; measured {about['date']}, Python {about['python']}, "
-                f"{about['machine']}{quick}.\n"
+                f"{about['machine']}{busy}{quick}.\n"
             )
         parts.append("| configuration | " + " | ".join(contenders) + " | ratio (target) |")
         parts.append("|---" * (len(contenders) + 2) + "|")
