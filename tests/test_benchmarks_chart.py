@@ -95,6 +95,7 @@ def test_a_run_is_published(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert ", load average 1.23 at the start (a quick run: fewer rounds).\n" in text
 
     assert png_size(png) == CHART_OF_THREE
+    assert chart._measured(data).endswith(", load average up to 1.23 at the start, some quick runs")
     assert capsys.readouterr().out.splitlines()[-1] == f"chart: {png}"
 
 
