@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-chart", action="store_true", help="do not redraw the chart")
     parser.add_argument("names", nargs="*", help="only these (e.g. barrier group completion seqc)")
     args = parser.parse_args(argv)
-    load_before = os.getloadavg()[0]
+    loads: dict[str, tuple[float, float]] = {}  # primitive -> load before and after
     here = Path(__file__).parent
     modules = sorted(
         m.name for m in pkgutil.iter_modules([str(here)]) if m.name.startswith("bench_")
@@ -38,10 +38,13 @@ def main(argv: list[str] | None = None) -> None:
             continue
         module = importlib.import_module(f"benchmarks.{name}")
         print(f"\n=== {name} ===", flush=True)
+        first, before = len(_results.RECORDED), os.getloadavg()[0]
         module.main(["--quick"] if args.quick else [])
+        for figure in _results.RECORDED[first:]:
+            loads[figure.primitive] = (before, os.getloadavg()[0])
     sys.stdout.flush()
     if _results.RECORDED:
-        publish(_results.RECORDED, args.quick, draw=not args.no_chart, load_before=load_before)
+        publish(_results.RECORDED, args.quick, draw=not args.no_chart, loads=loads)
 
 
 def publish(
@@ -51,10 +54,10 @@ def publish(
     results: Path = _results.RESULTS,
     page: Path = report.PAGE,
     png: Path = chart.PNG,
-    load_before: float | None = None,
+    loads: dict[str, tuple[float, float]] | None = None,
 ) -> None:
     """Merge `found` into results.json, rewrite the page's tables, redraw the chart."""
-    data = _results.save(found, quick, results, load_before)
+    data = _results.save(found, quick, results, loads)
     print(f"\nresults: {_shown(results)}")
     report.update(page, data)
     print(f"report: {_shown(page)}")

@@ -100,12 +100,16 @@ def figures(data: dict[str, Any]) -> list[Figure]:
 
 
 def merge(
-    data: dict[str, Any], new: list[Figure], quick: bool, load: float | None = None
+    data: dict[str, Any],
+    new: list[Figure],
+    quick: bool,
+    loads: dict[str, tuple[float, float]] | None = None,
 ) -> dict[str, Any]:
     """`data` with every primitive measured in `new` replaced by the new figures.
 
-    `load` is the machine's 1-minute load average when the run started: on a shared
-    machine, what else was running (the run itself keeps one or two CPUs busy).
+    `loads` maps a primitive to the machine's 1-minute load average before and after
+    its benchmark: on a shared machine, a sign of what else was running (a benchmark
+    itself keeps one or two CPUs busy, so "after" includes it).
     """
     fresh = {f.primitive for f in new}
     kept = [Figure.from_json(f) for f in data["figures"] if f["primitive"] not in fresh]
@@ -117,10 +121,10 @@ def merge(
         "cpus": os.cpu_count(),
         "quick": quick,
     }
-    if load is not None:
-        about["load_before"] = round(load, 2)
     for primitive in fresh:
-        runs[primitive] = about
+        runs[primitive] = dict(about)
+        if loads and primitive in loads:
+            runs[primitive]["load"] = [round(x, 2) for x in loads[primitive]]
     return {"runs": runs, "figures": [_as_json(f) for f in kept + new]}
 
 
@@ -132,8 +136,11 @@ def _as_json(figure: Figure) -> dict[str, Any]:
 
 
 def save(
-    new: list[Figure], quick: bool, path: Path = RESULTS, load_before: float | None = None
+    new: list[Figure],
+    quick: bool,
+    path: Path = RESULTS,
+    loads: dict[str, tuple[float, float]] | None = None,
 ) -> dict[str, Any]:
-    data = merge(load(path), new, quick, load_before)
+    data = merge(load(path), new, quick, loads)
     path.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
     return data

@@ -119,8 +119,8 @@ def _measured(data: dict[str, Any]) -> str:
         return ""
     when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
     quick = ", some quick runs" if any(r.get("quick") for r in runs) else ""
-    loads = [r["load_before"] for r in runs if "load_before" in r]
-    busy = f", load average up to {max(loads):.2f} at the start" if loads else ""
+    loads = [x for r in runs for x in r.get("load", ())]
+    busy = f", 1-minute load average up to {max(loads):.2f}" if loads else ""
     return f"measured {when} on {'; '.join(machines)}{busy}{quick}"
 
 

@@ -40,8 +40,12 @@ def tables(data: dict[str, Any]) -> str:
         parts.append(f"### {primitive}: {measure}\n")
         if about:
             quick = " (a quick run: fewer rounds)" if about.get("quick") else ""
-            load = about.get("load_before")
-            busy = "" if load is None else f", load average {load:.2f} at the start"
+            load = about.get("load")
+            busy = (
+                ""
+                if load is None
+                else f", 1-minute load average {load[0]:.2f} before and {load[1]:.2f} after"
+            )
             parts.append(
                 f"{group[0].unit}; measured {about['date']}, Python {about['python']}, "
                 f"{about['machine']}{busy}{quick}.\n"

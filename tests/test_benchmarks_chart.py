@@ -68,7 +68,8 @@ def record_a_run() -> list[Figure]:
 def test_a_run_is_published(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     results, page, png = tmp_path / "results.json", tmp_path / "perf.md", tmp_path / "c.png"
     page.write_text(PAGE)
-    publish(record_a_run(), quick=True, results=results, page=page, png=png, load_before=1.234)
+    loads = {"Semaphore": (0.5, 2.345), "Timer": (0.25, 1.0)}
+    publish(record_a_run(), quick=True, results=results, page=page, png=png, loads=loads)
 
     data = json.loads(results.read_text())
     assert set(data["runs"]) == {"Completion", "Semaphore", "Timer"}
@@ -76,7 +77,8 @@ def test_a_run_is_published(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert about["quick"] is True
     assert about["cpus"] >= 1
     assert about["python"] == sys.version.split()[0]
-    assert about["load_before"] == 1.23
+    assert about["load"] == [0.5, 2.35]
+    assert "load" not in data["runs"]["Completion"]  # not given
     rows = {(f["primitive"], f["config"]): f for f in data["figures"]}
     assert len(rows) == 4
     assert [c["met"] for c in rows["Completion", "pinned, asyncio"]["checks"]] == [True]
@@ -92,10 +94,10 @@ def test_a_run_is_published(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert "| pinned, uvloop | 3 | 3.3 | 30.0 | aiosync / floor 1.10 (<= 1.25: met); " in text
     assert "| unpinned, uvloop | 10.0 | 14.0 | aiosync / floor 1.40 (<= 1.25: MISSED) |" in text
     assert "| unpinned | 80.0 |  |" in text
-    assert ", load average 1.23 at the start (a quick run: fewer rounds).\n" in text
+    assert ", 1-minute load average 0.50 before and 2.35 after (a quick run" in text
 
     assert png_size(png) == CHART_OF_THREE
-    assert chart._measured(data).endswith(", load average up to 1.23 at the start, some quick runs")
+    assert chart._measured(data).endswith(", 1-minute load average up to 2.35, some quick runs")
     assert capsys.readouterr().out.splitlines()[-1] == f"chart: {png}"
 
 
@@ -108,7 +110,7 @@ def test_a_partial_run_redraws_from_the_merged_results(tmp_path: Path) -> None:
     publish(again, quick=True, results=results, page=page, png=png)
 
     data = json.loads(results.read_text())
-    assert "load_before" not in data["runs"]["Timer"]  # not given
+    assert "load" not in data["runs"]["Timer"]  # not given this time
     assert data["runs"]["Timer"]["quick"] is True
     assert data["runs"]["Semaphore"]["quick"] is False
     assert {f["primitive"] for f in data["figures"]} == {"Completion", "Semaphore", "Timer"}
