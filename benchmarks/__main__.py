@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import pkgutil
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-chart", action="store_true", help="do not redraw the chart")
     parser.add_argument("names", nargs="*", help="only these (e.g. barrier group completion seqc)")
     args = parser.parse_args(argv)
-    loads: dict[str, tuple[float, float]] = {}  # primitive -> load before and after
+    busy: dict[str, dict[str, float]] = {}  # primitive -> CPUs other work took meanwhile
     here = Path(__file__).parent
     modules = sorted(
         m.name for m in pkgutil.iter_modules([str(here)]) if m.name.startswith("bench_")
@@ -38,13 +37,14 @@ def main(argv: list[str] | None = None) -> None:
             continue
         module = importlib.import_module(f"benchmarks.{name}")
         print(f"\n=== {name} ===", flush=True)
-        first, before = len(_results.RECORDED), os.getloadavg()[0]
+        first, start = len(_results.RECORDED), _results.Usage.now()
         module.main(["--quick"] if args.quick else [])
+        others = _results.Usage.now().others_since(start)
         for figure in _results.RECORDED[first:]:
-            loads[figure.primitive] = (before, os.getloadavg()[0])
+            busy[figure.primitive] = others
     sys.stdout.flush()
     if _results.RECORDED:
-        publish(_results.RECORDED, args.quick, draw=not args.no_chart, loads=loads)
+        publish(_results.RECORDED, args.quick, draw=not args.no_chart, busy=busy)
 
 
 def publish(
@@ -54,10 +54,10 @@ def publish(
     results: Path = _results.RESULTS,
     page: Path = report.PAGE,
     png: Path = chart.PNG,
-    loads: dict[str, tuple[float, float]] | None = None,
+    busy: dict[str, dict[str, float]] | None = None,
 ) -> None:
     """Merge `found` into results.json, rewrite the page's tables, redraw the chart."""
-    data = _results.save(found, quick, results, loads)
+    data = _results.save(found, quick, results, busy)
     print(f"\nresults: {_shown(results)}")
     report.update(page, data)
     print(f"report: {_shown(page)}")

@@ -14,7 +14,9 @@ import datetime
 import json
 import os
 import platform
+import resource
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,6 +78,45 @@ class Figure:
 RECORDED: list[Figure] = []
 
 
+@dataclass(frozen=True)
+class Usage:
+    """CPU seconds so far: the whole machine's, and this process's with its children.
+
+    On a shared machine the difference between two of them says how much CPU other
+    work took while a benchmark ran (a benchmark's own processes, up to five at once
+    for SeqRecord, are not counted, unlike in the load average).
+    """
+
+    wall: float
+    busy: float  # every process on the machine, ours included (/proc/stat)
+    steal: float  # what the hypervisor gave other virtual machines instead
+    ours: float  # this process and the children it waited for
+
+    @classmethod
+    def now(cls) -> Usage:
+        with open("/proc/stat") as f:
+            ticks = [int(t) for t in f.readline().split()[1:]]
+        user, nice, system, _idle, _iowait, irq, softirq, steal = ticks[:8]
+        hz = os.sysconf("SC_CLK_TCK")
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return cls(
+            wall=time.monotonic(),
+            busy=(user + nice + system + irq + softirq) / hz,
+            steal=steal / hz,
+            ours=own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime,
+        )
+
+    def others_since(self, start: Usage) -> dict[str, float]:
+        """CPUs (on average, since `start`) used by other work and by other VMs."""
+        wall = self.wall - start.wall
+        if wall <= 0:
+            return {"others": 0.0, "steal": 0.0}
+        others = (self.busy - start.busy) - (self.ours - start.ours)
+        steal = self.steal - start.steal
+        return {"others": round(max(0.0, others) / wall, 2), "steal": round(steal / wall, 2)}
+
+
 def record(
     primitive: str,
     measure: str,
@@ -103,13 +144,12 @@ def merge(
     data: dict[str, Any],
     new: list[Figure],
     quick: bool,
-    loads: dict[str, tuple[float, float]] | None = None,
+    busy: dict[str, dict[str, float]] | None = None,
 ) -> dict[str, Any]:
     """`data` with every primitive measured in `new` replaced by the new figures.
 
-    `loads` maps a primitive to the machine's 1-minute load average before and after
-    its benchmark: on a shared machine, a sign of what else was running (a benchmark
-    itself keeps one or two CPUs busy, so "after" includes it).
+    `busy` maps a primitive to what other work took while its benchmark ran
+    (`Usage.others_since`).
     """
     fresh = {f.primitive for f in new}
     kept = [Figure.from_json(f) for f in data["figures"] if f["primitive"] not in fresh]
@@ -123,8 +163,8 @@ def merge(
     }
     for primitive in fresh:
         runs[primitive] = dict(about)
-        if loads and primitive in loads:
-            runs[primitive]["load"] = [round(x, 2) for x in loads[primitive]]
+        if busy and primitive in busy:
+            runs[primitive]["busy"] = busy[primitive]
     return {"runs": runs, "figures": [_as_json(f) for f in kept + new]}
 
 
@@ -139,8 +179,8 @@ def save(
     new: list[Figure],
     quick: bool,
     path: Path = RESULTS,
-    loads: dict[str, tuple[float, float]] | None = None,
+    busy: dict[str, dict[str, float]] | None = None,
 ) -> dict[str, Any]:
-    data = merge(load(path), new, quick, loads)
+    data = merge(load(path), new, quick, busy)
     path.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
     return data

@@ -119,8 +119,8 @@ def _measured(data: dict[str, Any]) -> str:
         return ""
     when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
     quick = ", some quick runs" if any(r.get("quick") for r in runs) else ""
-    loads = [x for r in runs for x in r.get("load", ())]
-    busy = f", 1-minute load average up to {max(loads):.2f}" if loads else ""
+    others = [r["busy"]["others"] for r in runs if "busy" in r]
+    busy = f", other processes using up to {max(others):.2f} CPUs" if others else ""
     return f"measured {when} on {'; '.join(machines)}{busy}{quick}"
 
 

@@ -23,6 +23,15 @@ def _number(value: float) -> str:
     return f"{value:.3g}" if value < 10 else f"{value:.1f}"
 
 
+def _busy(busy: dict[str, float] | None) -> str:
+    if busy is None:
+        return ""
+    return (
+        f"; meanwhile other processes used {busy['others']:.2f} CPUs on average"
+        f" and other virtual machines {busy['steal']:.2f}"
+    )
+
+
 def grouped(found: list[Figure]) -> dict[tuple[str, str], list[Figure]]:
     """Figures by (primitive, measure), primitives in ORDER, measures as recorded."""
     groups: dict[tuple[str, str], list[Figure]] = {}
@@ -40,12 +49,7 @@ def tables(data: dict[str, Any]) -> str:
         parts.append(f"### {primitive}: {measure}\n")
         if about:
             quick = " (a quick run: fewer rounds)" if about.get("quick") else ""
-            load = about.get("load")
-            busy = (
-                ""
-                if load is None
-                else f", 1-minute load average {load[0]:.2f} before and {load[1]:.2f} after"
-            )
+            busy = _busy(about.get("busy"))
             parts.append(
                 f"{group[0].unit}; measured {about['date']}, Python {about['python']}, "
                 f"{about['machine']}{busy}{quick}.\n"

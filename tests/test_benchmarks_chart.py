@@ -68,8 +68,8 @@ def record_a_run() -> list[Figure]:
 def test_a_run_is_published(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     results, page, png = tmp_path / "results.json", tmp_path / "perf.md", tmp_path / "c.png"
     page.write_text(PAGE)
-    loads = {"Semaphore": (0.5, 2.345), "Timer": (0.25, 1.0)}
-    publish(record_a_run(), quick=True, results=results, page=page, png=png, loads=loads)
+    busy = {"Semaphore": {"others": 0.5, "steal": 0.25}, "Timer": {"others": 1.5, "steal": 0.0}}
+    publish(record_a_run(), quick=True, results=results, page=page, png=png, busy=busy)
 
     data = json.loads(results.read_text())
     assert set(data["runs"]) == {"Completion", "Semaphore", "Timer"}
@@ -77,8 +77,8 @@ def test_a_run_is_published(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert about["quick"] is True
     assert about["cpus"] >= 1
     assert about["python"] == sys.version.split()[0]
-    assert about["load"] == [0.5, 2.35]
-    assert "load" not in data["runs"]["Completion"]  # not given
+    assert about["busy"] == {"others": 0.5, "steal": 0.25}
+    assert "busy" not in data["runs"]["Completion"]  # not given
     rows = {(f["primitive"], f["config"]): f for f in data["figures"]}
     assert len(rows) == 4
     assert [c["met"] for c in rows["Completion", "pinned, asyncio"]["checks"]] == [True]
@@ -94,10 +94,14 @@ def test_a_run_is_published(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert "| pinned, uvloop | 3 | 3.3 | 30.0 | aiosync / floor 1.10 (<= 1.25: met); " in text
     assert "| unpinned, uvloop | 10.0 | 14.0 | aiosync / floor 1.40 (<= 1.25: MISSED) |" in text
     assert "| unpinned | 80.0 |  |" in text
-    assert ", 1-minute load average 0.50 before and 2.35 after (a quick run" in text
+    assert (
+        "; meanwhile other processes used 0.50 CPUs on average and other virtual machines"
+        " 0.25 (a quick run: fewer rounds).\n"
+    ) in text
 
     assert png_size(png) == CHART_OF_THREE
-    assert chart._measured(data).endswith(", 1-minute load average up to 2.35, some quick runs")
+    footer = chart._measured(data)
+    assert footer.endswith(", other processes using up to 1.50 CPUs, some quick runs")
     assert capsys.readouterr().out.splitlines()[-1] == f"chart: {png}"
 
 
@@ -110,7 +114,7 @@ def test_a_partial_run_redraws_from_the_merged_results(tmp_path: Path) -> None:
     publish(again, quick=True, results=results, page=page, png=png)
 
     data = json.loads(results.read_text())
-    assert "load" not in data["runs"]["Timer"]  # not given this time
+    assert "busy" not in data["runs"]["Timer"]  # not given this time
     assert data["runs"]["Timer"]["quick"] is True
     assert data["runs"]["Semaphore"]["quick"] is False
     assert {f["primitive"] for f in data["figures"]} == {"Completion", "Semaphore", "Timer"}
@@ -133,6 +137,24 @@ def test_a_stored_verdict_is_recomputed_not_trusted(tmp_path: Path) -> None:
     merged = _results.save([], quick=False, path=results)
     verdicts = [c["met"] for f in merged["figures"] for c in f["checks"]]
     assert verdicts == [True, False, True, True]
+
+
+def test_what_other_work_took_meanwhile() -> None:
+    start = _results.Usage(wall=100.0, busy=1000.0, steal=50.0, ours=20.0)
+    # 10 s: the machine was busy for 16 CPU seconds, 12 of them ours; 1 s stolen.
+    end = _results.Usage(wall=110.0, busy=1016.0, steal=51.0, ours=32.0)
+    assert end.others_since(start) == {"others": 0.4, "steal": 0.1}
+    # Clock ticks are coarser than rusage: never a negative share.
+    end = _results.Usage(wall=110.0, busy=1011.99, steal=50.0, ours=32.0)
+    assert end.others_since(start) == {"others": 0.0, "steal": 0.0}
+    now = _results.Usage.now()  # read from /proc/stat and getrusage
+    assert now.busy > 0
+    assert now.steal >= 0
+    assert now.ours > 0
+    later = _results.Usage.now()
+    assert later.wall >= now.wall
+    assert later.busy >= now.busy
+    assert later.ours >= now.ours
 
 
 def test_without_matplotlib_the_chart_is_skipped_with_a_note(
