@@ -18,10 +18,11 @@ barriers of theirs I have read. Positive: I am ahead; negative: they are ahead.
   as special counter values). Once either is set the counter no longer moves.
 * Waits follow systemd's ``barrier_read(threshold)``: wait while ``barriers >
   threshold`` and the peer has not aborted. Here the read loop is run by the fd
-  callback on behalf of every waiter at once (the `WaitQueue` of `_fd`): it reads only
-  while someone waits, applies what it read to the state under the lock, then releases
-  every waiter whose condition now holds, with the result computed at that moment.
-  ``wait_abortion()`` is a waiter whose condition is "they aborted".
+  callback on behalf of every waiter at once (the `WaitQueue` of `_waitq`): it reads
+  only while someone waits, applies what it read to the state under the lock, then
+  releases every waiter whose condition now holds, with the result computed at that
+  moment (a snapshot: nothing is consumed, so a cancelled waiter gives nothing back).
+  A waiter's condition is a threshold, or `UNTIL_ABORTED` for ``wait_abortion()``.
 
 Departures from systemd: ``place()`` returns False when the eventfd write fails (the
 barrier is then both-aborted); my own ``abort()`` releases my pending ``sync()``-style
@@ -31,20 +32,28 @@ called ``both_aborted``.
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import os
 import time
 from collections.abc import Callable
-from typing import Any, Final, Self
+from typing import Any, Final, Self, TypeAlias
 
-from . import _fd, _share
+from . import _fd, _share, _waitq
 from ._errors import ClosedResourceError
 from ._resource import Resource
 
 __all__ = ["Barrier", "Role"]
 
 ABORTION: Final = 0x7FFF_FFFF_FFFF_FFFF  # INT64_MAX; what abort() writes
+
+
+class _Until(enum.Enum):
+    ABORTED = "until the peer aborts or exits"
+
+
+UNTIL_ABORTED: Final = _Until.ABORTED
+Cond: TypeAlias = int | _Until  # what a waiter waits for: barriers <= threshold, or abortion
+Waiter: TypeAlias = _waitq.Waiter[Cond, bool]
 
 
 class Role(enum.Enum):
@@ -77,7 +86,7 @@ class Barrier(Resource):
 
     def __init__(self) -> None:
         self._closed = True  # until every fd exists, for __del__
-        self._waitq: _fd.WaitQueue[bool] = _fd.WaitQueue(self)
+        self._waitq: _waitq.WaitQueue[Cond, bool] = _waitq.WaitQueue(self, _closed_error)
         self._role: Role | None = None
         self._barriers = 0
         self._i_aborted = False
@@ -99,7 +108,7 @@ class Barrier(Resource):
         """A Barrier over fds received from another process (already checked)."""
         self = cls.__new__(cls)
         self._closed = False
-        self._waitq = _fd.WaitQueue(self)
+        self._waitq = _waitq.WaitQueue(self, _closed_error)
         self._role = None
         self._barriers = 0
         self._i_aborted = self._they_aborted = self._peer_exited = False
@@ -274,11 +283,7 @@ class Barrier(Resource):
             if self._barriers <= 0:
                 return True
             waiter = queue.park(0)
-        try:
-            return await waiter.future
-        except BaseException:
-            queue._abandon(waiter)
-            raise
+        return await queue.wait(waiter)
 
     async def wait_abortion(self) -> bool:
         """Wait until the peer aborts or exits.
@@ -287,40 +292,16 @@ class Barrier(Resource):
         Returns True if only the peer aborted, False if this side aborted as well.
         """
         self._check_ready()
-        started = self._start_wait_abortion()
+        started = start_wait(self, UNTIL_ABORTED)
         if type(started) is bool:
             return started
         return await self._waitq.wait(started)
 
     async def _read(self, threshold: int) -> bool:
-        started = self._start_read(threshold)
+        started = start_wait(self, threshold)
         if type(started) is bool:
             return started
-        try:  # queue.wait(waiter), inlined: one coroutine frame less per wait
-            return await started.future
-        except BaseException:
-            self._waitq._abandon(started)
-            raise
-
-    # The first half of a wait: the result at once, or a waiter parked on the queue
-    # (which the caller awaits, and abandons if it stops waiting). BarrierGroup parks
-    # one per member and awaits them together.
-
-    def _start_read(self, threshold: int) -> bool | _fd.Waiter[bool]:
-        queue = self._waitq
-        with queue.lock:
-            if self._i_aborted or self._they_aborted:
-                return False
-            if self._barriers <= threshold:
-                return True
-            return queue.park(threshold)
-
-    def _start_wait_abortion(self) -> bool | _fd.Waiter[bool]:
-        queue = self._waitq
-        with queue.lock:
-            if self._they_aborted:
-                return not self._i_aborted
-            return queue.park(None)
+        return await self._waitq.wait(started)
 
     # -- blocking twins ---------------------------------------------------------------
 
@@ -364,7 +345,7 @@ class Barrier(Resource):
         return not (self._i_aborted or self._they_aborted)
 
     def _block_until(self, done: Callable[[], bool], timeout: float | None) -> None:
-        _no_running_loop()
+        _waitq.no_running_loop("a blocking barrier wait", "await the async method")
         deadline = None if timeout is None else time.monotonic() + timeout
         queue = self._waitq
         try:
@@ -391,8 +372,8 @@ class Barrier(Resource):
     def _pipe_end(self) -> int:
         return self._pipe_r if self._role is Role.PARENT else self._pipe_w
 
-    def _on_readable(self, slot: _fd.LoopSlot[bool], fd: int) -> None:
-        # Called with the lock held (see _fd.Owner).
+    def _on_readable(self, slot: _waitq.LoopSlot[Cond, bool], fd: int) -> None:
+        # Called with the lock held (see _waitq.Owner).
         if self._me < 0:
             return
         self._pump(None)
@@ -400,10 +381,7 @@ class Barrier(Resource):
             # The pipe fired but did not end the wait. uvloop reports a pipe write end's
             # error only once per registration, so register afresh (now, or with this
             # loop's next waiter) rather than keep a spent registration.
-            queue = self._waitq
-            queue._unregister(slot)
-            if slot.live:
-                queue._register(slot)
+            self._waitq.reregister(slot)
 
     def _pump(self, blocked: Callable[[], bool] | None) -> None:
         """systemd's read loop, run once for everyone waiting now.
@@ -443,17 +421,14 @@ class Barrier(Resource):
         if not queue.waiting:
             return
         aborted = self._i_aborted or self._they_aborted
-        for slot in queue._slots.values():  # release() never changes the slots
+        for slot in queue.slots():
             for waiter in queue.pending(slot):
-                threshold = waiter.arg
-                if threshold is None:
+                cond = waiter.cond
+                if cond is UNTIL_ABORTED:
                     if self._they_aborted:
-                        queue.release(waiter, not self._i_aborted)
-                elif aborted or self._barriers <= threshold:
-                    queue.release(waiter, not aborted)
-
-    def _give_back(self, result: bool) -> None:
-        pass  # a result is a snapshot of the state, which nothing consumed
+                        waiter.release(not self._i_aborted)
+                elif aborted or self._barriers <= cond:
+                    waiter.release(not aborted)
 
     # -- sharing ----------------------------------------------------------------------
 
@@ -514,7 +489,7 @@ class Barrier(Resource):
         self._closed = True
         with self._waitq.lock:  # not while another thread's read loop uses them
             fds = self._take_fds()
-        self._waitq.close(fds, _closed_error)
+        self._waitq.close(fds)
 
     def _take_fds(self) -> list[int]:
         fds = [self._them, self._pipe_r, self._pipe_w, self._me]
@@ -552,11 +527,43 @@ def _closed_error() -> ClosedResourceError:
     return ClosedResourceError("the Barrier was closed while waiting")
 
 
-def _no_running_loop() -> None:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return
-    raise RuntimeError(
-        "a blocking barrier wait would block the running event loop; await the async method instead"
-    )
+# What BarrierGroup needs of its members (it uses no Barrier internals).
+
+
+def start_wait(barrier: Barrier, cond: Cond) -> bool | Waiter:
+    """The first half of a wait: its result at once, or a waiter parked on the queue.
+
+    The caller awaits ``queue_of(barrier).wait(waiter)`` (or the waiter's future, and then
+    abandons it if it stops waiting). BarrierGroup parks one per member and awaits them
+    together; the barrier's own waits go through here too.
+    """
+    queue = barrier._waitq
+    with queue.lock:
+        if cond is UNTIL_ABORTED:
+            if barrier._they_aborted:
+                return not barrier._i_aborted
+        elif barrier._i_aborted or barrier._they_aborted:
+            return False
+        elif barrier._barriers <= cond:
+            return True
+        return queue.park(cond)
+
+
+def check_ready(barrier: Barrier) -> None:
+    """Raise as a wait of `barrier` would: no role yet, or closed."""
+    barrier._check_ready()
+
+
+def queue_of(barrier: Barrier) -> _waitq.WaitQueue[Cond, bool]:
+    """The barrier's wait queue (to await or abandon what `start_wait` parked)."""
+    return barrier._waitq
+
+
+def caught_up(barrier: Barrier) -> bool:
+    """The peer placed as many barriers as this side (no sync would need to wait)."""
+    return barrier._barriers <= 0
+
+
+def set_peer_pid(barrier: Barrier, pid: int) -> None:
+    """Record the pid of the process holding the other side (see `Barrier.peer_pid`)."""
+    barrier._peer_pid = pid

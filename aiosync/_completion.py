@@ -12,43 +12,49 @@ it, in two eventfds:
 
 * ``count``, in **semaphore mode**: ``complete()`` writes 1; a waiter takes a count with
   one non-blocking read, which the kernel performs atomically and which takes exactly
-  one. A process that is only waiting holds nothing of the count until that read
-  returns, so killing it (even with SIGKILL) loses nothing. (A single plain eventfd
-  would have to be read whole and the rest written back: other processes would see 0
-  in between, and a process killed in between would lose the rest.)
+  one. (A single plain eventfd would have to be read whole and the rest written back:
+  other processes would see 0 in between, and a process killed in between would lose
+  the rest.)
 * ``all``, a plain eventfd used as a flag: ``complete_all()`` writes 1 to it, and while
   its value is non-zero the completion is "all done". Nobody reads it except
   ``reinit()``, which drains both.
 
-A waiter checks ``all`` (a zero-timeout poll), then tries to take a count; if neither
-lets it through it parks in the `WaitQueue`, whose loop registrations watch both fds.
-When ``count`` fires, the callback takes one count per waiter, oldest first among this
-loop's waiters, and releases each with True ("took a count"); when ``all`` is set, it
-releases every waiter with False ("took nothing"). A count handed to a waiter whose task
-was cancelled in the meantime comes back through ``_give_back``, which writes it back
-to ``count`` for the next waiter in any process: no count is lost or duplicated.
+**Who takes a count.** As in the kernel, a waiter takes its count itself, when it runs:
+the read that takes it happens inside the task that then returns from ``wait()`` (or
+the thread that returns from ``wait_blocking()``), with no suspension point in
+between. The loop's fd callback never reads ``count``: it only wakes ("rings") the
+oldest waiter of its loop, one at a time, and the woken task takes its turn in
+`WaitQueue.wait_turn`. So a waiting process killed at any instruction, even while its
+loop is busy for seconds with woken tasks that have not run, takes nothing with it. A
+woken waiter that finds nothing (a waiter in another process was faster) waits again,
+first in its loop's line; one cancelled before it ran took nothing, and ``count``, still
+readable, rings for the next. While ``all`` is set, the callback releases every waiter
+of its loop at once, taking nothing.
 
 ``complete()`` and ``complete_all()`` only write to an eventfd: they take no lock, so
 they are safe from any thread and from a signal handler.
-
-The one window the kernel shares: a process killed after its read of ``count``
-returned but before its task resumed has consumed that count, as a kernel waiter woken
-and then killed has.
 """
 
 from __future__ import annotations
 
-import asyncio
+import enum
 import select
 import threading
 import time
 from typing import Any, Self
 
-from . import _fd, _share
+from . import _fd, _share, _waitq
 from ._errors import ClosedResourceError
 from ._resource import Resource
 
 __all__ = ["Completion"]
+
+
+class Ring(enum.Enum):
+    """Why a waiter was woken."""
+
+    TURN = "a count may be there: take it"
+    ALL = "complete_all() is in force: go, taking nothing"
 
 
 @_share.shareable
@@ -62,14 +68,18 @@ class Completion(Resource):
     task, thread or process (share it with `aiosync.create_subprocess_exec(share=...)`
     or as a `multiprocessing.Process` argument).
 
-    Cancelling or timing out a `wait()` loses nothing: a count it had already taken is
-    put back for the next waiter. A waiting process that is killed takes nothing with it.
+    Cancelling or timing out a `wait()` loses nothing: a count leaves the completion
+    only inside the task that returns it from `wait()`. A waiting process that is
+    killed, at any moment, takes nothing with it.
+
+    A Completion does not notice that the process that was to complete it died: pair it
+    with a `Barrier` (whose `Barrier.wait_abortion` does) where that matters.
     """
 
     def __init__(self) -> None:
         self._closed = True  # until every fd exists, for __del__
         self._pollers = threading.local()
-        self._waitq: _fd.WaitQueue[bool] = _fd.WaitQueue(self)
+        self._waitq: _waitq.WaitQueue[None, Ring] = _waitq.WaitQueue(self, _closed_error)
         self._count = self._all = -1
         self._count = _fd.eventfd(semaphore=True)
         try:
@@ -84,7 +94,7 @@ class Completion(Resource):
     def _adopt(cls, count: int, all_: int) -> Self:
         self = cls.__new__(cls)
         self._pollers = threading.local()
-        self._waitq = _fd.WaitQueue(self)
+        self._waitq = _waitq.WaitQueue(self, _closed_error)
         self._count, self._all = count, all_
         self._waitq.watch(count, all_)
         self._closed = False
@@ -125,30 +135,38 @@ class Completion(Resource):
     async def wait(self) -> None:
         """Wait for a completion and take it (take nothing while all are done).
 
-        Returns at once, without a loop round trip, when one is available. Waiters of
-        one event loop are served oldest first. Cancellation or a timeout
-        (``async with asyncio.timeout(...)``) loses nothing: a completion already taken
-        for this wait is put back for the next waiter. ``close()`` meanwhile raises
+        Returns at once, without a loop round trip, when one is available and no other
+        task of this loop waits. Waiters of one event loop are served oldest first.
+        Cancellation or a timeout (``async with asyncio.timeout(...)``) loses nothing:
+        the count is taken only by the task that returns. ``close()`` meanwhile raises
         `ClosedResourceError`.
         """
-        if self.try_wait():
-            return
-        queue = self._waitq
-        with queue.lock:
-            waiter = queue.park()
-        await queue.wait(waiter)
+        await self._waitq.wait_turn(None, self._take)
+
+    def _take(self, ring: Ring | None) -> bool:
+        """A waiter's turn (lock held): take a count, or pass while all are done."""
+        if ring is Ring.ALL:
+            return True
+        if ring is Ring.TURN:  # woken by `count`: most likely there, so read first
+            return _fd.read_eventfd(self._count) != 0 or self._poll()[0]
+        return self.try_wait()
 
     def wait_blocking(self, timeout: float | None = None) -> bool:
-        """`wait()` for code without a running loop; False if `timeout` seconds passed."""
+        """`wait()` for code without a running loop: block this thread until it takes one.
+
+        Returns True (a completion was taken, or all are done). Raises `TimeoutError`
+        when `timeout` seconds pass first, having taken nothing; `ClosedResourceError`
+        when the completion is closed, also by another thread meanwhile.
+        """
         self._check_open()
-        _no_running_loop()
+        _waitq.no_running_loop("wait_blocking()", "await wait()")
         deadline = None if timeout is None else time.monotonic() + timeout
         queue = self._waitq
         try:
             while not self.try_wait():  # raises ClosedResourceError once closed
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
-                    return False
+                    raise TimeoutError("the completion wait timed out")
                 # close() in another thread does not end a poll() of these fds; the
                 # queue wakes this thread instead.
                 queue.block((self._count, self._all), remaining)
@@ -192,31 +210,16 @@ class Completion(Resource):
                     available = True
         return all_done, available
 
-    # -- handing out (the fd callback) ----------------------------------------------------
+    # -- ringing (the fd callback) ----------------------------------------------------
 
-    def _on_readable(self, slot: _fd.LoopSlot[bool], fd: int) -> None:
-        # Called with the lock held (see _fd.Owner).
+    def _on_readable(self, slot: _waitq.LoopSlot[None, Ring], fd: int) -> None:
+        # Called with the lock held (see _waitq.Owner). Reads nothing: see the module doc.
         queue = self._waitq
-        if self._closed:
-            return
         if fd == self._all:  # complete_all() is in force: everyone goes, taking nothing
-            for any_slot in queue.slots():
-                for everyone in queue.pending(any_slot):
-                    queue.release(everyone, False)
-            return
-        # A count: oldest first among this loop's waiters; another loop's registration
-        # serves its own waiters. (No look at the all-done flag first, which would cost
-        # a poll per hand-off: if complete_all() is in force too, its fd's callback
-        # releases everyone else, and a count taken meanwhile is one reinit() drops.)
-        while (oldest := queue.first(slot)) is not None:
-            if not _fd.read_eventfd(self._count):
-                break
-            queue.release(oldest, True)
-
-    def _give_back(self, took_count: bool) -> None:
-        # A waiter that stopped waiting had been handed a count: put it back.
-        if took_count and not self._closed:
-            _fd.write_eventfd(self._count, 1)
+            for waiter in queue.pending(slot):
+                waiter.release(Ring.ALL)
+        else:
+            queue.ring(slot, Ring.TURN)
 
     # -- sharing ----------------------------------------------------------------------
 
@@ -251,7 +254,7 @@ class Completion(Resource):
         with self._waitq.lock:
             fds = [self._count, self._all]
             self._count = self._all = -1
-        self._waitq.close(fds, _closed_error)
+        self._waitq.close(fds)
 
     def _unclosed_description(self) -> str:
         return f"<aiosync.Completion fds={self._count},{self._all}>"
@@ -267,11 +270,3 @@ class Completion(Resource):
 
 def _closed_error() -> ClosedResourceError:
     return ClosedResourceError("the Completion was closed while waiting")
-
-
-def _no_running_loop() -> None:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return
-    raise RuntimeError("wait_blocking() would block the running event loop; await wait() instead")

@@ -9,7 +9,7 @@ plus the pid of each child. Its calls are the Barrier calls applied to every mem
 * ``place()`` and ``abort()`` place or abort on every member; they never block.
 * ``sync()`` starts a sync on every member. A member that needs no wait answers at
   once, without I/O, exactly as `Barrier.sync` would; for each of the others a waiter
-  is parked on that member's `WaitQueue` (the very waiter its own ``sync()`` would
+  is parked on that member's wait queue (the very waiter its own ``sync()`` would
   park, released by its own read loop), and the group awaits those futures together:
   no task per child.
 * Each member's outcome comes from its own result and state: True is *synced*; False
@@ -45,8 +45,17 @@ import os
 from collections.abc import Iterable, Iterator
 from typing import Any, Final
 
-from . import _fd
-from ._barrier import Barrier, Role
+from ._barrier import (
+    UNTIL_ABORTED,
+    Barrier,
+    Role,
+    Waiter,
+    caught_up,
+    check_ready,
+    queue_of,
+    set_peer_pid,
+    start_wait,
+)
 from ._resource import Resource
 
 __all__ = ["BarrierGroup", "GroupResult"]
@@ -129,25 +138,25 @@ class BarrierGroup(Resource):
             for barrier in barriers:
                 barrier.close()
             raise
-        self._barriers = tuple(barriers)
+        self._members = tuple(barriers)
         self._closed = False
 
     # -- the members ------------------------------------------------------------------
 
     def __len__(self) -> int:
-        return len(self._barriers)
+        return len(self._members)
 
     def __getitem__(self, index: int) -> Barrier:
         """Member ``index``: the Barrier to share with child ``index``."""
-        return self._barriers[index]
+        return self._members[index]
 
     def __iter__(self) -> Iterator[Barrier]:
-        return iter(self._barriers)
+        return iter(self._members)
 
     @property
     def pids(self) -> tuple[int | None, ...]:
         """Each member's child pid, in group order (None while unknown)."""
-        return tuple(b.peer_pid for b in self._barriers)
+        return tuple(b.peer_pid for b in self._members)
 
     def attach(self, index: int, pid: int) -> None:
         """Tell the group that process `pid` holds the other side of member `index`.
@@ -160,12 +169,12 @@ class BarrierGroup(Resource):
         self._check_open()
         if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
             raise ValueError(f"pid must be a positive int, not {pid!r}")
-        barrier = self._barriers[index]
+        barrier = self._members[index]
         if barrier.role is None:
             barrier.set_role(Role.PARENT)
         elif barrier.role is not Role.PARENT:
             raise RuntimeError(f"member {index} is the CHILD side; a group is the parent's")
-        barrier._peer_pid = pid
+        set_peer_pid(barrier, pid)
 
     def child(self, index: int) -> Barrier:
         """In a child forked with the whole group: keep member `index`, close the rest.
@@ -178,17 +187,17 @@ class BarrierGroup(Resource):
         is spent in this process (closed); the parent's is untouched.
         """
         self._check_open()
-        mine = self._barriers[index]
+        mine = self._members[index]
         if mine.role is not None:
             raise RuntimeError(
                 f"member {index} already has a role ({mine.role.name}): call child() in "
                 "the forked child, before anything else"
             )
-        for barrier in self._barriers:
+        for barrier in self._members:
             if barrier is not mine:
                 barrier.close()
         mine.set_role(Role.CHILD)
-        mine._peer_pid = os.getppid()
+        set_peer_pid(mine, os.getppid())
         self._closed = True
         return mine
 
@@ -202,7 +211,7 @@ class BarrierGroup(Resource):
         """
         self._check_ready()
         placed = True
-        for barrier in self._barriers:
+        for barrier in self._members:
             placed = barrier.place() and placed
         return placed
 
@@ -215,7 +224,7 @@ class BarrierGroup(Resource):
         """
         self._check_ready()
         unaborted = True
-        for barrier in self._barriers:
+        for barrier in self._members:
             unaborted = barrier.abort() and unaborted
         return unaborted
 
@@ -250,11 +259,11 @@ class BarrierGroup(Resource):
         ``synced`` is empty. Cancellation or a timeout leaves every member as it was.
         """
         self._check_ready()
-        if not any(b.they_aborted for b in self._barriers):
-            parked: dict[asyncio.Future[bool], tuple[Barrier, _fd.Waiter[bool]]] = {}
+        if not any(b.they_aborted for b in self._members):
+            parked: dict[asyncio.Future[bool], tuple[Barrier, Waiter]] = {}
             try:
-                for barrier in self._barriers:
-                    started = barrier._start_wait_abortion()
+                for barrier in self._members:
+                    started = start_wait(barrier, UNTIL_ABORTED)
                     if type(started) is bool:
                         break  # a wait of another task or thread just found one
                     parked[started.future] = (barrier, started)
@@ -264,16 +273,16 @@ class BarrierGroup(Resource):
                         future.result()  # ClosedResourceError if closed meanwhile
             finally:
                 _abandon(parked.values())
-        return self._result([_abortion(b) for b in self._barriers])
+        return self._result([_abortion(b) for b in self._members])
 
     async def _sync(self, abort_on_failure: bool) -> GroupResult:
-        barriers = self._barriers
-        outcomes: list[Outcome | None] = [None] * len(barriers)
-        parked: dict[asyncio.Future[bool], tuple[Barrier, _fd.Waiter[bool]]] = {}
+        members = self._members
+        outcomes: list[Outcome | None] = [None] * len(members)
+        parked: dict[asyncio.Future[bool], tuple[Barrier, Waiter]] = {}
         index: dict[asyncio.Future[bool], int] = {}
         try:
-            for i, barrier in enumerate(barriers):
-                started = barrier._start_read(0)
+            for i, barrier in enumerate(members):
+                started = start_wait(barrier, 0)
                 if type(started) is bool:
                     outcomes[i] = _outcome(barrier, started)
                 else:
@@ -297,7 +306,7 @@ class BarrierGroup(Resource):
     def _result(self, outcomes: list[Outcome | None]) -> GroupResult:
         """The children by outcome (None: not reported), in group order."""
         by: dict[Outcome | None, list[int]] = {o: [] for o in (*Outcome, None)}
-        for barrier, outcome in zip(self._barriers, outcomes, strict=True):
+        for barrier, outcome in zip(self._members, outcomes, strict=True):
             pid = barrier.peer_pid
             assert pid is not None  # _check_ready
             by[outcome].append(pid)
@@ -314,19 +323,19 @@ class BarrierGroup(Resource):
         if self._closed:
             return
         self._closed = True
-        for barrier in self._barriers:
+        for barrier in self._members:
             barrier.close()
 
     def _check_ready(self) -> None:
         self._check_open()
-        for i, barrier in enumerate(self._barriers):
+        for i, barrier in enumerate(self._members):
             if barrier.peer_pid is None or barrier.role is not Role.PARENT:
                 raise RuntimeError(
                     f"member {i} has no child yet: share it with "
                     "aiosync.create_subprocess_exec(..., share={...}), or start the child "
                     f"otherwise and call attach({i}, pid)"
                 )
-            barrier._check_ready()  # ClosedResourceError if the member was closed alone
+            check_ready(barrier)  # ClosedResourceError if the member was closed alone
 
     def __reduce__(self) -> tuple[Any, ...]:
         raise TypeError(
@@ -335,12 +344,12 @@ class BarrierGroup(Resource):
 
     def __repr__(self) -> str:
         if self._closed:
-            return f"<aiosync.BarrierGroup n={len(self._barriers)} closed>"
-        return f"<aiosync.BarrierGroup n={len(self._barriers)} pids={list(self.pids)}>"
+            return f"<aiosync.BarrierGroup n={len(self._members)} closed>"
+        return f"<aiosync.BarrierGroup n={len(self._members)} pids={list(self.pids)}>"
 
 
 async def _wait(
-    parked: dict[asyncio.Future[bool], tuple[Barrier, _fd.Waiter[bool]]], *, first: bool
+    parked: dict[asyncio.Future[bool], tuple[Barrier, Waiter]], *, first: bool
 ) -> set[asyncio.Future[bool]]:
     """The parked futures that are done: the first one(s), or all of them.
 
@@ -383,7 +392,7 @@ def _outcome(barrier: Barrier, synced: bool) -> Outcome:
         return Outcome.DIED
     if barrier.they_aborted:
         return Outcome.ABORTED
-    if barrier._barriers <= 0:
+    if caught_up(barrier):
         return Outcome.SYNCED  # it had caught up: only this side's abort said False
     return Outcome.STOPPED
 
@@ -397,6 +406,6 @@ def _abortion(barrier: Barrier) -> Outcome | None:
     return None
 
 
-def _abandon(parked: Iterable[tuple[Barrier, _fd.Waiter[bool]]]) -> None:
+def _abandon(parked: Iterable[tuple[Barrier, Waiter]]) -> None:
     for barrier, waiter in parked:
-        barrier._waitq._abandon(waiter)
+        queue_of(barrier).abandon(waiter)

@@ -123,11 +123,15 @@ async def test_complete_from_a_signal_handler() -> None:
 
 
 def test_wait_blocking() -> None:
+    # A passed timeout raises TimeoutError (as asyncio.timeout does), having taken nothing.
     with Completion() as c:
-        assert not c.wait_blocking(timeout=0.05)
+        with pytest.raises(TimeoutError):
+            c.wait_blocking(timeout=0.05)
         c.complete()
         assert c.wait_blocking(timeout=0)
-        assert not c.wait_blocking(timeout=0)
+        with pytest.raises(TimeoutError):
+            c.wait_blocking(timeout=0)
+        assert not c.done()
         thread = threading.Timer(0.01, c.complete)
         thread.start()
         assert c.wait_blocking(timeout=30)
@@ -304,7 +308,7 @@ def test_close_from_another_thread_ends_wait_blocking() -> None:
     def block() -> None:
         try:
             outcome.append(c.wait_blocking(timeout=3 * SOON))
-        except ClosedResourceError as e:
+        except (ClosedResourceError, TimeoutError) as e:
             outcome.append(e)
 
     thread = threading.Thread(target=block)

@@ -1,19 +1,20 @@
-"""`WaitQueue` (aiosync/_fd.py) on its own, under a minimal primitive: what the
+"""`WaitQueue` (aiosync/_waitq.py) on its own, under a minimal primitive: what the
 Barrier cannot show.
 
-A Barrier's results are snapshots of its state, so its ``_give_back`` does nothing and
-a lost or duplicated hand-out would not show in any Barrier test. `Tally`, a counting
-semaphore over one eventfd (the shape of a Completion), makes every hand-out count.
+A Barrier's results are snapshots of its state, so a lost or duplicated hand-out would
+not show in any Barrier test. `Tally`, a counting semaphore over one semaphore-mode
+eventfd that waiters take turns at (the shape of a Completion), makes every unit count.
 On both loops:
 
-* a unit handed to a waiter that was cancelled before it could take it is given back,
-  whichever order the release and the cancellation happen in, also when the release
-  comes from another thread; a waiter cancelled before the release is skipped;
+* the loop's callback only rings: it never takes a unit for a waiter; the woken
+  waiter takes its own, in its task; a waiter cancelled after it was woken (whichever
+  order the ring and the cancellation happen in) takes nothing and the next waiter
+  gets its turn; a woken waiter that finds nothing waits again, first in line;
 * a release from another thread reaches its loop (``call_soon_threadsafe``);
 * each loop of several (in several threads) has its own single registration;
 * ``close()`` from another thread removes the reader in the loop's own thread while
   the fd is still open, and closes it afterwards; a closed loop's registration is not
-  touched;
+  touched; ``park()`` after (or racing) ``close()`` raises `ClosedResourceError`;
 * a loop that was closed with a waiter still parked is forgotten by the next loop;
 * cancelled waiters do not pile up; the loop's callback does not keep the primitive
   alive;
@@ -45,6 +46,7 @@ import uvloop
 from conftest import SOON, soon
 
 from aiosync import ClosedResourceError, _fd
+from aiosync._waitq import LoopSlot, WaitQueue
 
 T = TypeVar("T")
 
@@ -142,69 +144,59 @@ async def until(done: Callable[[], bool], what: str) -> None:
 
 
 class Tally:
-    """A counting semaphore over one eventfd.
+    """A counting semaphore over one semaphore-mode eventfd; waiters take turns.
 
-    ``post(n)`` adds to the eventfd, as another process would; ``put()`` adds one unit
-    from any thread of this process. ``take()`` waits for a unit and consumes it.
-    Hooks run around `_on_readable`, so that a test can act in exactly the loop
-    callback that reads the fd.
+    ``post(n)`` adds units to the eventfd, as another process would. ``take()`` waits
+    for its turn and takes one unit, in its own task. Hooks run around `_on_readable`,
+    so that a test can act in exactly the loop callback that rings.
     """
 
     def __init__(self) -> None:
-        self.fd = _fd.eventfd()
-        self._waitq: _fd.WaitQueue[int] = _fd.WaitQueue(self)
+        self.fd = _fd.eventfd(semaphore=True)
+        self._waitq: WaitQueue[None, bool] = WaitQueue(self, self._closed_error)
         self._waitq.watch(self.fd)
-        self.units = 0
-        self.readable = 0  # _on_readable calls
-        self.given_back = 0
-        self.before_read: Callable[[], object] = lambda: None
-        self.after_read: Callable[[], object] = lambda: None
+        self.rings = 0  # _on_readable calls
+        self.took_nothing = 0  # turns that found the eventfd empty
+        self.before_ring: Callable[[], object] = lambda: None
+        self.after_ring: Callable[[], object] = lambda: None
+
+    @staticmethod
+    def _closed_error() -> ClosedResourceError:
+        return ClosedResourceError("the Tally was closed")
 
     @property
-    def queue(self) -> _fd.WaitQueue[int]:
+    def queue(self) -> WaitQueue[None, bool]:
         return self._waitq
+
+    @property
+    def units(self) -> int:
+        return _fd.eventfd_value(self.fd)
 
     def post(self, n: int = 1) -> None:
         os.eventfd_write(self.fd, n)
 
-    def put(self) -> None:
-        with self._waitq.lock:
-            self.units += 1
-            self._hand_out()
-
     async def take(self) -> int:
-        queue = self._waitq
-        with queue.lock:
-            if self.units:
-                self.units -= 1
-                return 1
-            waiter = queue.park()
-        return await queue.wait(waiter)
+        await self._waitq.wait_turn(None, self._take)
+        return 1
 
-    def _hand_out(self) -> None:
-        queue = self._waitq
-        for slot in queue.slots():
-            while self.units and (waiter := queue.first(slot)) is not None:
-                self.units -= 1
-                queue.release(waiter, 1)
+    def _take(self, ring: bool | None) -> bool:
+        if _fd.read_eventfd(self.fd):
+            return True
+        if ring is not None:
+            self.took_nothing += 1
+        return False
 
-    def _on_readable(self, slot: _fd.LoopSlot[int], fd: int) -> None:
+    def _on_readable(self, slot: LoopSlot[None, bool], fd: int) -> None:
         # Called with the lock held, as for every primitive.
-        self.before_read()
-        self.readable += 1
-        self.units += _fd.read_eventfd(self.fd)
-        self._hand_out()
-        self.after_read()
-
-    def _give_back(self, result: int) -> None:
-        # Not under the lock: the tests that give back run in one thread at a time.
-        self.given_back += 1
-        self.units += result
+        self.before_ring()
+        self.rings += 1
+        self._waitq.ring(slot, True)
+        self.after_ring()
 
     def close(self) -> None:
         fd, self.fd = self.fd, -1
         if fd >= 0:
-            self._waitq.close([fd], lambda: ClosedResourceError("the Tally was closed"))
+            self._waitq.close([fd])
 
 
 @pytest.fixture
@@ -247,12 +239,11 @@ def test_each_loop_has_its_own_registration(kind: str, tally: Tally) -> None:
     t1 = threading.Thread(target=thread, args=(1,))
     t1.start()
     assert ready[1].wait(SOON)
-    tally.put()  # the oldest waiter first: loop 0's
+    tally.post(2)  # each loop's registration rings for its own waiter
     t0.join(SOON)
-    assert results[0] == 1
-    tally.put()
     t1.join(SOON)
-    assert results[1] == 1
+    assert results == [1, 1]
+    assert tally.units == 0
     for spy in spies:
         assert spy is not None
         assert spy.adds[tally.fd] == 1
@@ -353,87 +344,200 @@ def test_close_with_a_closed_loops_registration_removes_nothing(kind: str) -> No
 
 
 # ---------------------------------------------------------------------------------------
-# Handing out, giving back
+# Taking turns: the callback rings, the waiter takes
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("order", ["released-then-cancelled", "cancelled-then-released"])
-def test_cancellation_in_the_reading_callback_loses_nothing(
+def test_the_callback_takes_nothing_for_a_waiter(kind: str, tally: Tally) -> None:
+    """Two units for two waiters: each ring leaves the units where they are; each
+    waiter takes its own when its task runs (so a busy loop, or a SIGKILL before the
+    task runs, loses nothing)."""
+
+    async def main(spy: Spy) -> None:
+        tasks = [asyncio.create_task(tally.take()) for _ in range(2)]
+        await parked(tally, 2)
+        at_ring: list[int] = []
+        tally.after_ring = lambda: at_ring.append(tally.units)
+        tally.post(2)
+        assert await soon(tasks[0]) == 1
+        assert await soon(tasks[1]) == 1
+        assert at_ring[:2] == [2, 1], at_ring  # the first ring found both units there
+        assert (tally.units, tally.took_nothing, tally.queue.waiting) == (0, 0, 0)
+
+    run_spied(kind, main)
+
+
+@pytest.mark.parametrize("order", ["woken-then-cancelled", "cancelled-then-woken"])
+def test_cancellation_in_the_ringing_callback_loses_nothing(
     kind: str, tally: Tally, order: str
 ) -> None:
-    """The task is cancelled in the very loop callback that reads the fd: before or after.
+    """The task is cancelled in the very loop callback that rings: before or after.
 
-    After the release the future already holds the unit, and ``Task.cancel()`` still
-    makes the task raise: the unit must be given back. Before it, the waiter must be
-    skipped. Either way the unit is there for the next `take()`.
+    After the ring its future already holds a result, and ``Task.cancel()`` still makes
+    the task raise: it took nothing. Before it, the waiter is skipped. Either way the
+    unit is still there for the next `take()`.
     """
 
     async def main(spy: Spy) -> None:
         task = asyncio.create_task(tally.take())
         await parked(tally, 1)
-        if order == "released-then-cancelled":
-            tally.after_read = lambda: task.cancel()
+        if order == "woken-then-cancelled":
+            tally.after_ring = lambda: task.cancel()
         else:
-            tally.before_read = lambda: task.cancel()
+            tally.before_ring = lambda: task.cancel()
         tally.post()
         with pytest.raises(asyncio.CancelledError):
             await soon(task)
-        assert tally.readable == 1
-        assert tally.given_back == (1 if order == "released-then-cancelled" else 0)
-        assert tally.units == 1
-        assert tally.queue.waiting == 0
-        tally.after_read = tally.before_read = lambda: None
+        assert tally.rings >= 1
+        assert (tally.units, tally.queue.waiting) == (1, 0)
+        tally.after_ring = tally.before_ring = lambda: None
         assert await soon(tally.take()) == 1
         assert tally.units == 0
 
     run_spied(kind, main)
 
 
-def test_cancelled_waiters_are_skipped_when_handing_out(kind: str, tally: Tally) -> None:
+def test_a_cancelled_woken_waiter_passes_the_turn_on(kind: str, tally: Tally) -> None:
     async def main(spy: Spy) -> None:
         tasks = [asyncio.create_task(tally.take()) for _ in range(3)]
         await parked(tally, 3)
-        # The middle one is cancelled in the callback, before the units are handed out.
-        tally.before_read = lambda: tasks[1].cancel()
+        # The first one is woken, then cancelled before it runs: the second one takes.
+        tally.after_ring = lambda: tasks[0].cancel()
+        tally.post()
+        with pytest.raises(asyncio.CancelledError):
+            await soon(tasks[0])
+        tally.after_ring = lambda: None
+        assert await soon(tasks[1]) == 1
+        assert not tasks[2].done()
+        tally.post()
+        assert await soon(tasks[2]) == 1
+        assert (tally.units, tally.queue.waiting) == (0, 0)
+
+    run_spied(kind, main)
+
+
+def test_cancelled_waiters_are_skipped_when_ringing(kind: str, tally: Tally) -> None:
+    async def main(spy: Spy) -> None:
+        tasks = [asyncio.create_task(tally.take()) for _ in range(3)]
+        await parked(tally, 3)
+        # The middle one is cancelled in the callback, before anyone is woken.
+        tally.before_ring = lambda: tasks[1].cancel()
         tally.post(2)
         assert await soon(tasks[0]) == 1
+        tally.before_ring = lambda: None
         assert await soon(tasks[2]) == 1
         with pytest.raises(asyncio.CancelledError):
             await tasks[1]
-        assert (tally.units, tally.given_back, tally.queue.waiting) == (0, 0, 0)
+        assert (tally.units, tally.queue.waiting) == (0, 0)
 
     run_spied(kind, main)
 
 
-def test_release_from_another_thread(kind: str, tally: Tally) -> None:
+def test_a_woken_waiter_that_finds_nothing_waits_again_first_in_line(
+    kind: str, tally: Tally
+) -> None:
+    async def main(spy: Spy) -> None:
+        first = asyncio.create_task(tally.take())
+        await parked(tally, 1)
+        second = asyncio.create_task(tally.take())
+        await parked(tally, 2)
+        # Another process takes the unit between the ring and the woken task's turn.
+        tally.after_ring = lambda: _fd.read_eventfd(tally.fd)
+        tally.post()
+        await until(lambda: tally.took_nothing == 1, "the woken waiter found nothing")
+        tally.after_ring = lambda: None
+        await parked(tally, 2)
+        assert not first.done()
+        assert not second.done()
+        tally.post()
+        assert await soon(first) == 1  # it kept its place
+        assert not second.done()
+        tally.post()
+        assert await soon(second) == 1
+
+    run_spied(kind, main)
+
+
+def test_a_newcomer_does_not_jump_the_line(kind: str, tally: Tally) -> None:
+    """A unit that arrives while a waiter of this loop is parked is that waiter's, not
+    a newcomer's that finds it on its fast path."""
+
+    async def main(spy: Spy) -> None:
+        first = asyncio.create_task(tally.take())
+        await parked(tally, 1)
+        tally.post()
+        newcomer = asyncio.create_task(tally.take())  # runs before the ring
+        assert await soon(first) == 1
+        await parked(tally, 1)
+        assert not newcomer.done()
+        tally.post()
+        assert await soon(newcomer) == 1
+
+    run_spied(kind, main)
+
+
+def test_ring_from_another_thread(kind: str, tally: Tally) -> None:
     async def main(spy: Spy) -> None:
         task = asyncio.create_task(tally.take())
         await parked(tally, 1)
-        put = threading.Thread(target=tally.put)
-        put.start()
-        put.join()  # the release is queued with call_soon_threadsafe
+        tally.post()
+        (slot,) = tally.queue.slots()
+
+        def ring() -> None:
+            with tally.queue.lock:
+                tally.queue.ring(slot, True)
+
+        thread = threading.Thread(target=ring)
+        thread.start()
+        thread.join()  # the wake-up is queued with call_soon_threadsafe
         assert tally.queue.waiting == 0
         assert not task.done()
         assert await soon(task) == 1
-        assert (tally.units, tally.given_back) == (0, 0)
+        assert tally.units == 0
 
     run_spied(kind, main)
 
 
-def test_cross_thread_release_to_a_cancelled_waiter_is_given_back(kind: str, tally: Tally) -> None:
-    """Released from another thread, cancelled before the delivery ran in its loop."""
+def test_cross_thread_ring_to_a_cancelled_waiter_takes_nothing(kind: str, tally: Tally) -> None:
+    """Woken from another thread, cancelled before the wake-up ran in its loop."""
 
     async def main(spy: Spy) -> None:
         task = asyncio.create_task(tally.take())
         await parked(tally, 1)
-        put = threading.Thread(target=tally.put)
-        put.start()
-        put.join()  # the delivery is queued, not run: this task holds the loop
+        (slot,) = tally.queue.slots()
+
+        def ring() -> None:
+            with tally.queue.lock:
+                tally.queue.ring(slot, True)
+
+        thread = threading.Thread(target=ring)
+        thread.start()
+        thread.join()  # the wake-up is queued, not run: this task holds the loop
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        assert (tally.units, tally.given_back, tally.queue.waiting) == (1, 1, 0)
+        assert (tally.units, tally.queue.waiting, slot.woken) == (0, 0, None)
+        tally.post()
         assert await soon(tally.take()) == 1
+
+    run_spied(kind, main)
+
+
+def test_park_after_close_raises_and_registers_nothing(kind: str) -> None:
+    """A wait that starts after (or while) another thread closes the queue."""
+    tally = Tally()
+    fd = tally.fd
+    closer = threading.Thread(target=tally.close)
+    closer.start()
+    closer.join()
+
+    async def main(spy: Spy) -> None:
+        with pytest.raises(ClosedResourceError, match="the Tally was closed"):
+            await tally.take()
+        with tally.queue.lock, pytest.raises(ClosedResourceError):
+            tally.queue.park(None)
+        assert spy.adds[fd] == 0
+        assert tally.queue.waiting == 0
 
     run_spied(kind, main)
 
@@ -464,7 +568,7 @@ def test_a_closed_loops_waiters_are_forgotten(kind: str, tally: Tally) -> None:
 
     async def park() -> None:
         with tally.queue.lock:
-            tally.queue.park()
+            tally.queue.park(None)
 
     first.run_until_complete(park())
     first.close()

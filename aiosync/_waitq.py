@@ -1,0 +1,536 @@
+"""The wait core: who waits on a primitive, in which event loop, for what.
+
+This is the only module that calls ``loop.add_reader`` / ``loop.remove_reader``.
+(Creating and closing fds is `_fd`'s.)
+
+Theory of operation
+-------------------
+Every primitive that waits on fds owns one `WaitQueue`. The queue owns the primitive's
+lock, its closed state, the waiters (grouped per event loop in a `LoopSlot`, oldest
+first) and the loop registrations of the fds they wait on.
+
+* **One registration per (loop, fd)** serves all of that loop's waiters. The first
+  waiter of a loop makes it; it is kept while waiters come and go, dropped lazily the
+  first time the fd fires while nobody of that loop waits (not counting a stale event
+  reported after a woken waiter took its turn), and always before the fd is closed. The loop's callback holds only a weak reference to the primitive, so one
+  dropped without ``close()`` is still finalized (and warns).
+* **The primitive decides** what an event means in its ``_on_readable(slot, fd)``,
+  which the queue calls in the loop's thread with the lock held. There are two ways to
+  let waiters go, one per kind of primitive:
+
+  - *snapshots* (Barrier): the callback reads the fds, applies what it read to the
+    primitive's state, and `Waiter.release`\\ s every waiter whose condition now holds,
+    with a result computed at that moment. Nothing is consumed, so a waiter that stops
+    waiting after its release has nothing to give back.
+  - *turns* (Completion): something is there to be *taken*, and only a waiter that
+    runs may take it (a busy loop can keep a woken task from running for seconds; a
+    process killed meanwhile must not take anything with it). The callback only
+    `ring`\\ s: it wakes the oldest waiter of its loop, at most one at a time per loop.
+    The woken waiter takes for itself in `wait_turn`, with the lock held and no
+    suspension point before it returns; if it finds nothing (another process was
+    faster) it waits again at the head of the queue. A woken waiter cancelled before
+    it runs took nothing, and the fd, still readable, rings for the next one.
+
+* **A waiter owns its transitions**: PENDING (in its slot's queue) -> RELEASED (handed
+  its result, or woken for its turn) or ABANDONED (its task stopped waiting, or its
+  loop was closed). Every transition happens with the lock held; ``live`` counts the
+  PENDING waiters of a slot, ``waiting`` those of all slots.
+* **Closed is the queue's**: `close` sets it under the lock, fails every waiter with
+  the primitive's `ClosedResourceError`, removes every registration and only then
+  closes the fds. `park` checks it under the same lock, so a wait that races a
+  ``close()`` from another thread raises `ClosedResourceError` and registers nothing
+  (an fd number, once closed, belongs to someone else).
+* **Loops come and go.** A waiter of another thread's loop is released with
+  ``call_soon_threadsafe``; its registrations are removed in that loop's thread and
+  the fds closed after the last removal. A loop closed with a waiter still parked is
+  simply abandoned: releasing or failing that waiter is a silent no-op, never an error
+  that stops the release of other loops' waiters or a ``close()``.
+* In a forked child the parent's loops are not ours: every queue forgets its
+  registrations (without touching the shared epoll instance) and gets a fresh lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Final, Generic, Protocol, TypeVar
+
+from . import _fd
+from ._errors import ClosedResourceError
+
+C = TypeVar("C")  # what a waiter waits for (the primitive's own type)
+R = TypeVar("R")  # what it is handed when released
+
+PENDING: Final = 0  # in its slot's queue, not yet released
+RELEASED: Final = 1  # handed its result, or woken for its turn
+ABANDONED: Final = 2  # stopped waiting before it was released (or its loop was closed)
+
+
+class Owner(Protocol):
+    """What a primitive provides to its `WaitQueue`."""
+
+    def _on_readable(self, slot: Any, fd: int) -> None:
+        """One of the watched fds fired in `slot`'s loop, where someone waits.
+
+        Called in that loop's thread, with the queue's lock held.
+        """
+
+
+class Waiter(Generic[C, R]):
+    """One task waiting on a `WaitQueue` for `cond` (the primitive's own condition)."""
+
+    __slots__ = ("cond", "future", "slot", "state")
+
+    def __init__(self, future: asyncio.Future[R], cond: C, slot: LoopSlot[C, R]) -> None:
+        self.future = future
+        self.cond = cond
+        self.slot = slot
+        self.state = PENDING
+
+    def release(self, result: R) -> None:
+        """Hand `result` to this pending waiter (from any thread; lock held)."""
+        slot = self.slot
+        self.state = RELEASED
+        slot.live -= 1
+        slot.queue.waiting -= 1
+        if slot.thread == threading.get_ident():
+            try:
+                self.future.set_result(result)
+            except RuntimeError:  # its loop was closed: nobody will ever take it
+                self.state = ABANDONED
+        else:
+            try:
+                slot.loop.call_soon_threadsafe(_set_result, self.future, result)
+            except RuntimeError:
+                self.state = ABANDONED
+
+    def fail(self, exc: BaseException) -> None:
+        """Raise `exc` in this pending waiter (from any thread; lock held)."""
+        slot = self.slot
+        self.state = RELEASED
+        slot.live -= 1
+        slot.queue.waiting -= 1
+        if slot.thread == threading.get_ident():
+            try:
+                if not self.future.done():
+                    self.future.set_exception(exc)
+            except RuntimeError:
+                self.state = ABANDONED
+        else:
+            try:
+                slot.loop.call_soon_threadsafe(_set_exception, self.future, exc)
+            except RuntimeError:
+                self.state = ABANDONED
+
+    def _abandon(self) -> None:
+        """Its task stopped waiting (lock held)."""
+        slot = self.slot
+        if self.state == PENDING:
+            self.state = ABANDONED
+            slot.live -= 1
+            slot.queue.waiting -= 1
+        if slot.woken is self:  # woken for a turn it will not take: took nothing
+            slot.woken = None
+
+    @property
+    def alive(self) -> bool:
+        """Pending, and its task still waits (a cancelled one may not have resumed yet)."""
+        return self.state == PENDING and not self.future.done()
+
+
+def _set_result(future: asyncio.Future[Any], result: Any) -> None:
+    if not future.done():  # cancelled meanwhile: a snapshot nobody needs
+        future.set_result(result)
+
+
+def _set_exception(future: asyncio.Future[Any], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
+
+
+class LoopSlot(Generic[C, R]):
+    """The waiters and the registrations of one event loop."""
+
+    __slots__ = ("grace", "live", "loop", "queue", "registered", "thread", "waiters", "woken")
+
+    def __init__(self, queue: WaitQueue[C, R], loop: asyncio.AbstractEventLoop) -> None:
+        self.queue = queue
+        self.loop = loop
+        self.thread = threading.get_ident()
+        self.waiters: deque[Waiter[C, R]] = deque()
+        self.live = 0  # waiters in state PENDING
+        self.woken: Waiter[C, R] | None = None  # woken for its turn, has not run yet
+        self.registered = False
+        self.grace = False  # a woken waiter took its turn: the next idle event may be stale
+
+
+_queues: weakref.WeakSet[WaitQueue[Any, Any]] = weakref.WeakSet()
+
+
+def _forget_parent_loops() -> None:
+    for queue in list(_queues):
+        queue._after_fork()
+
+
+os.register_at_fork(after_in_child=_forget_parent_loops)
+
+
+def _dispatch(
+    queue_ref: weakref.ref[WaitQueue[Any, Any]], slot: LoopSlot[Any, Any], fd: int
+) -> None:
+    queue = queue_ref()
+    owner = None if queue is None else queue._owner()
+    if queue is None or owner is None:  # finalized without close(): __del__ prevents this
+        slot.loop.remove_reader(fd)
+        return
+    with queue.lock:
+        if not slot.live or queue.first(slot) is None:
+            # Nobody of this loop waits (a waiter whose task was cancelled but has not
+            # resumed yet does not count: `first` settles it). Read nothing, and drop
+            # the registration rather than be called again and again for an fd nobody
+            # asked about. But not while a woken waiter has not run (it may need the
+            # registration again), nor for the first event after one took its turn:
+            # the standard loop reports an event it saw before that waiter ran (a
+            # stale one), and the next wait would have to register afresh.
+            if slot.grace:
+                slot.grace = False
+            elif slot.woken is None:
+                queue._unregister(slot)
+            return
+        owner._on_readable(slot, fd)
+
+
+class WaitQueue(Generic[C, R]):
+    """The waiters of one primitive, per event loop, and the fds they wait on.
+
+    The primitive checks its condition and parks a waiter under ``lock`` (so a release
+    can never slip between the two), then awaits `wait` (or the whole of `wait_turn`).
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_closed",
+        "_closed_error",
+        "_fds",
+        "_owner",
+        "_slots",
+        "blockers",
+        "lock",
+        "waiting",
+    )
+
+    def __init__(self, owner: Owner, closed_error: Callable[[], ClosedResourceError]) -> None:
+        self.lock = threading.Lock()
+        self._owner = weakref.ref(owner)
+        self._closed_error = closed_error
+        self._fds: tuple[int, ...] = ()
+        self._slots: dict[asyncio.AbstractEventLoop, LoopSlot[C, R]] = {}
+        self._closed = False
+        self.waiting = 0  # pending waiters over all loops
+        self.blockers: dict[int, int] = {}  # thread -> wake eventfd of its blocking wait
+        _queues.add(self)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def watch(self, *fds: int) -> None:
+        """Set the fds waiters wait on (before anyone waits)."""
+        assert not self._slots, "watch() after waiting began"
+        self._fds = fds
+
+    # -- the waiting side -------------------------------------------------------------
+
+    def park(self, cond: C) -> Waiter[C, R]:
+        """Queue a waiter of the running loop for `cond`. Call with ``lock`` held.
+
+        Raises the primitive's `ClosedResourceError` if it was closed, by any thread.
+        """
+        if self._closed:
+            raise self._closed_error()
+        loop = asyncio.get_running_loop()
+        slot = self._slots.get(loop)
+        if slot is None:
+            slot = self._new_slot(loop)
+        waiter: Waiter[C, R] = Waiter(loop.create_future(), cond, slot)
+        slot.waiters.append(waiter)
+        slot.live += 1
+        self.waiting += 1
+        if not slot.registered:
+            self._register(slot)
+        return waiter
+
+    async def wait(self, waiter: Waiter[C, R]) -> R:
+        """Wait for `waiter` to be released; on cancellation, leave nothing behind."""
+        try:
+            return await waiter.future
+        except BaseException:
+            self.abandon(waiter)
+            raise
+
+    def abandon(self, waiter: Waiter[C, R]) -> None:
+        """`waiter`'s task stopped waiting (cancelled, timed out, failed)."""
+        with self.lock:
+            waiter._abandon()
+            if waiter.state == ABANDONED:
+                self._compact(waiter.slot)
+
+    async def wait_turn(self, cond: C, take: Callable[[R | None], bool]) -> None:
+        """Wait until `take` succeeds in this task, taking turns with this loop's waiters.
+
+        ``take(None)`` is tried first, unless waiters of this loop are ahead (they are
+        served oldest first). Otherwise a waiter is parked; each time a ring wakes it,
+        ``take(result)`` runs in this task with the lock held; if it finds nothing, the
+        waiter waits again at the head of its loop's queue. On cancellation nothing is
+        left behind, and nothing was taken.
+        """
+        loop = asyncio.get_running_loop()
+        with self.lock:
+            if self._closed:
+                raise self._closed_error()
+            slot = self._slots.get(loop)
+            if (slot is None or (not slot.live and slot.woken is None)) and take(None):
+                return
+            waiter = self.park(cond)
+        slot = waiter.slot
+        while True:
+            try:
+                result = await waiter.future
+            except BaseException:
+                self.abandon(waiter)
+                raise
+            with self.lock:
+                if slot.woken is waiter:
+                    slot.woken = None
+                if self._closed:
+                    raise self._closed_error()
+                if take(result):
+                    slot.grace = True
+                    return
+                # Another process was faster: wait again, first in line.
+                waiter.future = loop.create_future()
+                waiter.state = PENDING
+                slot.waiters.appendleft(waiter)
+                slot.live += 1
+                self.waiting += 1
+                if not slot.registered:
+                    self._register(slot)
+
+    # -- the releasing side (lock held) ----------------------------------------------
+
+    def slots(self) -> Iterator[LoopSlot[C, R]]:
+        """Every loop's slot (releasing never adds or removes one)."""
+        return iter(self._slots.values())
+
+    def first(self, slot: LoopSlot[C, R]) -> Waiter[C, R] | None:
+        """The oldest pending waiter of `slot` (dropping dead ones before it), or None."""
+        waiters = slot.waiters
+        while waiters:
+            waiter = waiters[0]
+            if waiter.state == PENDING and not waiter.future.done():
+                return waiter
+            waiters.popleft()
+            self._settle(waiter)
+        return None
+
+    def pending(self, slot: LoopSlot[C, R]) -> list[Waiter[C, R]]:
+        """All pending waiters of `slot`, oldest first; dead ones are dropped."""
+        if not slot.live:  # nothing to hand out here; dead ones go with the next hand-out
+            return []
+        waiters = slot.waiters
+        if len(waiters) == 1:  # the usual case, without a list comprehension's frame
+            waiter = waiters[0]
+            if waiter.state == PENDING and not waiter.future.done():
+                return [waiter]
+        alive = [w for w in waiters if w.state == PENDING and not w.future.done()]
+        if len(alive) != len(waiters):
+            for waiter in waiters:
+                self._settle(waiter)
+            slot.waiters = deque(alive)
+        return alive
+
+    def ring(self, slot: LoopSlot[C, R], result: R) -> None:
+        """Wake the oldest waiter of `slot` for its turn, unless one woken has not run yet."""
+        if slot.woken is None and (waiter := self.first(slot)) is not None:
+            slot.waiters.popleft()
+            slot.woken = waiter
+            waiter.release(result)
+            if waiter.state == ABANDONED:  # its loop is closed
+                slot.woken = None
+
+    def reregister(self, slot: LoopSlot[C, R]) -> None:
+        """Register `slot`'s fds afresh (in its loop's thread, lock held).
+
+        For an fd whose loop reports an event only once per registration (uvloop and a
+        pipe's write end): drop the spent registration; keep a new one if anyone waits.
+        """
+        self._unregister(slot)
+        if slot.live:
+            self._register(slot)
+
+    def _settle(self, waiter: Waiter[C, R]) -> None:
+        # A waiter whose future is done but which we never released was cancelled and
+        # its task has not resumed yet: it must not be handed anything.
+        if waiter.state == PENDING and waiter.future.done():
+            waiter._abandon()
+
+    def _compact(self, slot: LoopSlot[C, R]) -> None:
+        # Abandoned waiters are normally dropped when things are handed out; if nothing
+        # ever is, don't let them pile up.
+        if len(slot.waiters) > 2 * slot.live + 16:
+            slot.waiters = deque(w for w in slot.waiters if w.state == PENDING)
+
+    # -- threads waiting without a loop (the blocking twins) ---------------------------
+
+    def block(self, fds: tuple[int, ...], timeout: float | None) -> None:
+        """Sleep in this thread until one of `fds` is readable, another thread calls
+        `wake_blockers` (or `close`), or `timeout` seconds pass. Call without ``lock``;
+        the caller re-checks its condition afterwards, and calls `unblock` when done.
+
+        A change another thread makes to the state without touching `fds` (it drained
+        them for a loop's waiters, aborted, closed) reaches this thread through its own
+        wake eventfd. The first call only registers that eventfd and returns at once,
+        so a change made since the caller's check is not missed.
+        """
+        me = threading.get_ident()
+        with self.lock:
+            if self._closed:
+                raise self._closed_error()
+            wake = self.blockers.get(me)
+            if wake is None:
+                self.blockers[me] = _fd.eventfd()
+                return
+        _fd.wait_readable((*fds, wake), timeout)
+        _fd.read_eventfd(wake)
+
+    def unblock(self) -> None:
+        """This thread's blocking wait is over: close its wake eventfd, if it has one."""
+        with self.lock:
+            wake = self.blockers.pop(threading.get_ident(), -1)
+        _fd.close(wake)
+
+    def wake_blockers(self) -> None:
+        """Wake every other thread sleeping in `block`. Call with ``lock`` held."""
+        me = threading.get_ident()
+        for thread, wake in self.blockers.items():
+            if thread != me:
+                _fd.write_eventfd(wake, 1)
+
+    # -- registrations ----------------------------------------------------------------
+
+    def _new_slot(self, loop: asyncio.AbstractEventLoop) -> LoopSlot[C, R]:
+        # Forget loops that were closed since (e.g. an earlier asyncio.run()); closing a
+        # loop drops its registrations with it.
+        for old in [old for old in self._slots if old.is_closed()]:
+            self.waiting -= self._slots.pop(old).live
+        slot: LoopSlot[C, R] = LoopSlot(self, loop)
+        self._slots[loop] = slot
+        return slot
+
+    def _register(self, slot: LoopSlot[C, R]) -> None:
+        queue_ref = weakref.ref(self)
+        for fd in self._fds:
+            slot.loop.add_reader(fd, _dispatch, queue_ref, slot, fd)
+        slot.registered = True
+
+    def _unregister(self, slot: LoopSlot[C, R]) -> None:
+        """Drop `slot`'s registrations. Call in its loop's thread, ``lock`` held."""
+        if slot.registered:
+            slot.registered = False
+            if not slot.loop.is_closed():
+                for fd in self._fds:
+                    slot.loop.remove_reader(fd)
+
+    def registered_loops(self) -> list[asyncio.AbstractEventLoop]:
+        """The loops that hold a registration now (for tests and repr)."""
+        with self.lock:
+            return [slot.loop for slot in self._slots.values() if slot.registered]
+
+    # -- closing ----------------------------------------------------------------------
+
+    def close(self, fds: Iterable[int]) -> None:
+        """Close the queue: fail every waiter, wake blocked threads, drop every
+        registration, then close `fds` (the primitive's, taken under ``lock``).
+
+        Registrations of a loop running in another thread are removed in that thread;
+        the fds are closed after the last of them. Waiters of closed loops are
+        abandoned silently. Idempotent: later calls close nothing.
+        """
+        with self.lock:
+            if self._closed:
+                return
+            self._closed = True
+            fds = list(fds)
+            self.wake_blockers()
+            me = threading.get_ident()
+            remote: list[LoopSlot[C, R]] = []
+            for slot in self._slots.values():
+                for waiter in slot.waiters:
+                    if waiter.state == PENDING:
+                        waiter.fail(self._closed_error())
+                slot.waiters.clear()
+                if not slot.registered or slot.loop.is_closed():
+                    slot.registered = False
+                elif slot.thread == me or not slot.loop.is_running():
+                    self._unregister(slot)
+                else:
+                    remote.append(slot)
+            self._slots = {}
+            self.waiting = 0
+        if not remote:
+            for fd in fds:
+                _fd.close(fd)
+            return
+        countdown = _Countdown(len(remote), fds)
+        for slot in remote:
+            try:
+                slot.loop.call_soon_threadsafe(self._unregister_remote, slot, countdown)
+            except RuntimeError:  # closed meanwhile: its registrations are gone
+                countdown.done()
+
+    def _unregister_remote(self, slot: LoopSlot[C, R], countdown: _Countdown) -> None:
+        try:
+            with self.lock:
+                self._unregister(slot)
+        finally:
+            countdown.done()
+
+    def _after_fork(self) -> None:
+        self.lock = threading.Lock()
+        self._slots = {}
+        self.waiting = 0
+        for wake in self.blockers.values():  # the parent's threads are not here
+            _fd.close(wake)
+        self.blockers = {}
+
+
+class _Countdown:
+    """Closes fds once every remote loop has dropped its registrations."""
+
+    __slots__ = ("fds", "left", "lock")
+
+    def __init__(self, left: int, fds: list[int]) -> None:
+        self.left = left
+        self.fds = fds
+        self.lock = threading.Lock()
+
+    def done(self) -> None:
+        with self.lock:
+            self.left -= 1
+            last = self.left == 0
+        if last:
+            for fd in self.fds:
+                _fd.close(fd)
+
+
+def no_running_loop(call: str, instead: str) -> None:
+    """Refuse a blocking twin inside a running loop, which it would block."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    raise RuntimeError(f"{call} would block the running event loop; {instead} instead")
