@@ -12,8 +12,9 @@ first) and the loop registrations of the fds they wait on.
 * **One registration per (loop, fd)** serves all of that loop's waiters. The first
   waiter of a loop makes it; it is kept while waiters come and go, dropped lazily the
   first time the fd fires while nobody of that loop waits (not counting a stale event
-  reported after a woken waiter took its turn), and always before the fd is closed. The loop's callback holds only a weak reference to the primitive, so one
-  dropped without ``close()`` is still finalized (and warns).
+  reported after a woken waiter took its turn), and always before the fd is closed.
+  The loop's callback holds only a weak reference to the queue, so a primitive dropped
+  without ``close()`` is still finalized (and warns).
 * **The primitive decides** what an event means in its ``_on_readable(slot, fd)``,
   which the queue calls in the loop's thread with the lock held. There are two ways to
   let waiters go, one per kind of primitive:
