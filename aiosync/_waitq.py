@@ -225,7 +225,10 @@ class WaitQueue(Generic[C, R]):
     )
 
     def __init__(self, owner: Owner, closed_error: Callable[[], ClosedResourceError]) -> None:
-        self.lock = threading.Lock()
+        # Re-entrant: a pending task of a closed loop that is garbage-collected while
+        # this thread holds the lock (an allocation can trigger the collector anywhere)
+        # closes its coroutine, which abandons its waiter under the lock again.
+        self.lock = threading.RLock()
         self._owner = weakref.ref(owner)
         self._closed_error = closed_error
         self._fds: tuple[int, ...] = ()
@@ -501,7 +504,7 @@ class WaitQueue(Generic[C, R]):
             countdown.done()
 
     def _after_fork(self) -> None:
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
         self._slots = {}
         self.waiting = 0
         for wake in self.blockers.values():  # the parent's threads are not here
