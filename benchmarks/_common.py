@@ -1,6 +1,6 @@
 """Shared pieces of the benchmarks: loops, CPU pinning, repetitions, tables.
 
-Every benchmark reports ratios against baselines measured in the same run (SPEC §6):
+Every benchmark reports ratios against baselines measured in the same run (docs/design.md §6):
 alternate the contenders over several repetitions and compare medians.
 """
 

@@ -1,4 +1,4 @@
-"""Barrier ``place_and_sync()`` round trip between a parent and a child process (SPEC §6).
+"""Barrier ``place_and_sync()`` round trip between a parent and a child process (docs/design.md §6).
 
 Each repetition forks a child *before* any loop runs; parent and child then each run a
 fresh loop of the same kind and do `ROUNDS` round trips in lockstep after a short

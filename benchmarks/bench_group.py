@@ -10,7 +10,7 @@ repetition, for N = 1, 4 and 16, on asyncio and uvloop, pinned to CPU 0 and unpi
 * ``group``: ``await group.place_and_sync()`` (one waiter per member, no tasks).
 
 The children do identical work in both, so the difference is the parent's cost of
-waiting on N barriers at once. Target (ours, not SPEC's): the group no slower than the
+waiting on N barriers at once. Target (ours): the group no slower than the
 hand-written gather (ratio <= 1).
 
 Usage: python -m benchmarks.bench_group [--quick] [--rounds N] [--repetitions N]

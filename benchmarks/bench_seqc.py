@@ -1,6 +1,6 @@
 """SeqRecord: read cost against an unsynchronized read and a locked one; writer throughput.
 
-Same run, same record ("qqd"), alternating repetitions, medians (SPEC §6):
+Same run, same record ("qqd"), alternating repetitions, medians (docs/design.md §6):
 
 * reads, in one process with no write in progress: `read_nowait()` and `await read()`
   (asyncio and uvloop) against the floor, an unsynchronized ``struct.unpack_from`` of
