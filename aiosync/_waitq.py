@@ -11,8 +11,9 @@ first) and the loop registrations of the fds they wait on.
 
 * **One registration per (loop, fd)** serves all of that loop's waiters. The first
   waiter of a loop makes it; it is kept while waiters come and go, dropped lazily the
-  first time the fd fires while nobody of that loop waits (not counting a stale event
-  reported after a woken waiter took its turn), and always before the fd is closed.
+  first time the fd fires while nobody of that loop waits, and always before the fd
+  is closed. (The standard loop may report an event after a woken waiter took what
+  it announced: the first event after a turn is checked with a zero-timeout poll.)
   The loop's callback holds only a weak reference to the queue, so a primitive dropped
   without ``close()`` is still finalized (and warns).
 * **The primitive decides** what an event means in its ``_on_readable(slot, fd)``,
@@ -53,6 +54,7 @@ first) and the loop registrations of the fds they wait on.
 from __future__ import annotations
 
 import asyncio
+import asyncio.selector_events
 import os
 import threading
 import weakref
@@ -156,7 +158,17 @@ def _set_exception(future: asyncio.Future[Any], exc: BaseException) -> None:
 class LoopSlot(Generic[C, R]):
     """The waiters and the registrations of one event loop."""
 
-    __slots__ = ("grace", "live", "loop", "queue", "registered", "thread", "waiters", "woken")
+    __slots__ = (
+        "live",
+        "loop",
+        "queue",
+        "registered",
+        "stale",
+        "stale_events",
+        "thread",
+        "waiters",
+        "woken",
+    )
 
     def __init__(self, queue: WaitQueue[C, R], loop: asyncio.AbstractEventLoop) -> None:
         self.queue = queue
@@ -166,7 +178,11 @@ class LoopSlot(Generic[C, R]):
         self.live = 0  # waiters in state PENDING
         self.woken: Waiter[C, R] | None = None  # woken for its turn, has not run yet
         self.registered = False
-        self.grace = False  # a woken waiter took its turn: the next idle event may be stale
+        # The standard loop runs callbacks already scheduled (a woken waiter's task)
+        # before the handles of the fd events it just collected: an event may then
+        # report what that waiter has since taken. uvloop runs fd callbacks first.
+        self.stale_events = isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop)
+        self.stale = False  # a woken waiter took its turn since the last event
 
 
 _queues: weakref.WeakSet[WaitQueue[Any, Any]] = weakref.WeakSet()
@@ -189,17 +205,19 @@ def _dispatch(
         slot.loop.remove_reader(fd)
         return
     with queue.lock:
+        if slot.stale:
+            # The first event after a woken waiter took its turn may report what it
+            # took: ringing for it would wake the next waiter for nothing.
+            slot.stale = False
+            if not _fd.readable(fd):
+                return
         if not slot.live or queue.first(slot) is None:
             # Nobody of this loop waits (a waiter whose task was cancelled but has not
             # resumed yet does not count: `first` settles it). Read nothing, and drop
             # the registration rather than be called again and again for an fd nobody
-            # asked about. But not while a woken waiter has not run (it may need the
-            # registration again), nor for the first event after one took its turn:
-            # the standard loop reports an event it saw before that waiter ran (a
-            # stale one), and the next wait would have to register afresh.
-            if slot.grace:
-                slot.grace = False
-            elif slot.woken is None:
+            # asked about; but not while a woken waiter has not run (it may need the
+            # registration again).
+            if slot.woken is None:
                 queue._unregister(slot)
             return
         owner._on_readable(slot, fd)
@@ -313,7 +331,7 @@ class WaitQueue(Generic[C, R]):
                 if self._closed:
                     raise self._closed_error()
                 if take(result):
-                    slot.grace = True
+                    slot.stale = slot.stale_events
                     return
                 # Another process was faster: wait again, first in line.
                 waiter.future = loop.create_future()
