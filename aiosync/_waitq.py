@@ -467,11 +467,6 @@ class WaitQueue(Generic[C, R]):
                 for fd in self._fds:
                     slot.loop.remove_reader(fd)
 
-    def registered_loops(self) -> list[asyncio.AbstractEventLoop]:
-        """The loops that hold a registration now (for tests and repr)."""
-        with self.lock:
-            return [slot.loop for slot in self._slots.values() if slot.registered]
-
     # -- closing ----------------------------------------------------------------------
 
     def close(self, fds: Iterable[int]) -> None:
