@@ -96,38 +96,24 @@ class Waiter(Generic[C, R]):
 
     def release(self, result: R) -> None:
         """Hand `result` to this pending waiter (from any thread; lock held)."""
-        slot = self.slot
-        self.state = RELEASED
-        slot.live -= 1
-        slot.queue.waiting -= 1
-        if slot.thread == threading.get_ident():
-            try:
-                self.future.set_result(result)
-            except RuntimeError:  # its loop was closed: nobody will ever take it
-                self.state = ABANDONED
-        else:
-            try:
-                slot.loop.call_soon_threadsafe(_set_result, self.future, result)
-            except RuntimeError:
-                self.state = ABANDONED
+        self._resolve(_set_result, result)
 
     def fail(self, exc: BaseException) -> None:
         """Raise `exc` in this pending waiter (from any thread; lock held)."""
+        self._resolve(_set_exception, exc)
+
+    def _resolve(self, how: Callable[[asyncio.Future[R], Any], None], value: Any) -> None:
         slot = self.slot
         self.state = RELEASED
         slot.live -= 1
         slot.queue.waiting -= 1
-        if slot.thread == threading.get_ident():
-            try:
-                if not self.future.done():
-                    self.future.set_exception(exc)
-            except RuntimeError:
-                self.state = ABANDONED
-        else:
-            try:
-                slot.loop.call_soon_threadsafe(_set_exception, self.future, exc)
-            except RuntimeError:
-                self.state = ABANDONED
+        try:
+            if slot.thread == threading.get_ident():
+                how(self.future, value)
+            else:
+                slot.loop.call_soon_threadsafe(how, self.future, value)
+        except RuntimeError:  # its loop was closed: nobody will ever take it
+            self.state = ABANDONED
 
     def _abandon(self) -> None:
         """Its task stopped waiting (lock held)."""

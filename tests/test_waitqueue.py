@@ -476,20 +476,25 @@ def test_a_newcomer_does_not_jump_the_line(kind: str, tally: Tally) -> None:
     run_spied(kind, main)
 
 
+def ring_from_another_thread(tally: Tally) -> None:
+    """Ring for this loop's oldest waiter from another thread (call_soon_threadsafe)."""
+    (slot,) = tally.queue.slots()
+
+    def ring() -> None:
+        with tally.queue.lock:
+            tally.queue.ring(slot, True)
+
+    thread = threading.Thread(target=ring)
+    thread.start()
+    thread.join()
+
+
 def test_ring_from_another_thread(kind: str, tally: Tally) -> None:
     async def main(spy: Spy) -> None:
         task = asyncio.create_task(tally.take())
         await parked(tally, 1)
         tally.post()
-        (slot,) = tally.queue.slots()
-
-        def ring() -> None:
-            with tally.queue.lock:
-                tally.queue.ring(slot, True)
-
-        thread = threading.Thread(target=ring)
-        thread.start()
-        thread.join()  # the wake-up is queued with call_soon_threadsafe
+        ring_from_another_thread(tally)  # the wake-up is queued with call_soon_threadsafe
         assert tally.queue.waiting == 0
         assert not task.done()
         assert await soon(task) == 1
@@ -504,18 +509,11 @@ def test_cross_thread_ring_to_a_cancelled_waiter_takes_nothing(kind: str, tally:
     async def main(spy: Spy) -> None:
         task = asyncio.create_task(tally.take())
         await parked(tally, 1)
-        (slot,) = tally.queue.slots()
-
-        def ring() -> None:
-            with tally.queue.lock:
-                tally.queue.ring(slot, True)
-
-        thread = threading.Thread(target=ring)
-        thread.start()
-        thread.join()  # the wake-up is queued, not run: this task holds the loop
+        ring_from_another_thread(tally)  # the wake-up is queued, not run: this task holds the loop
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+        (slot,) = tally.queue.slots()
         assert (tally.units, tally.queue.waiting, slot.woken) == (0, 0, None)
         tally.post()
         assert await soon(tally.take()) == 1
