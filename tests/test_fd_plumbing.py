@@ -23,7 +23,7 @@ import pytest
 import uvloop
 from conftest import soon
 
-from aiosync import Barrier, Role, SharingError, _fd
+from aiosync import Barrier, ClosedResourceError, Role, SharingError, _fd
 
 
 class Counting:
@@ -194,7 +194,7 @@ def test_readers_are_removed_before_the_fds_close(
         p.close()
         assert loop.removes == {them: 1, pipe_r: 1}
         assert loop.closed_at_remove == []
-        with pytest.raises(Exception, match="closed while waiting"):
+        with pytest.raises(ClosedResourceError, match="closed while waiting"):
             await task
         await spin()
 
