@@ -63,12 +63,16 @@ __all__ = ["BarrierGroup", "GroupResult"]
 
 @dataclasses.dataclass(frozen=True)
 class GroupResult:
-    """What a `BarrierGroup` wait found out, child by child (by pid, in group order).
+    """What a `BarrierGroup` wait found out, child by child.
 
     True in a boolean context when every child synced (``ok``). After
     `BarrierGroup.sync`, every child is in exactly one of the four tuples; after
     `BarrierGroup.wait_abortion`, only ``aborted`` and ``died`` are filled: the
     children known by then to have aborted or died.
+
+    The four tuples name children by pid, in group order; the ``*_members`` properties
+    name the same children by member index (``group[i]``), for code that thinks in
+    the order it started them.
     """
 
     synced: tuple[int, ...] = ()
@@ -81,6 +85,35 @@ class GroupResult:
     stopped: tuple[int, ...] = ()
     """Children still behind when this side aborted (`BarrierGroup.abort`, or
     ``abort_on_failure``)."""
+    pids: tuple[int, ...] = dataclasses.field(default=(), compare=False)
+    """Every child's pid, in member order: ``pids[i]`` holds member ``i``."""
+
+    def member(self, pid: int) -> int:
+        """The member index of the child `pid` (``ValueError`` if it is not one)."""
+        try:
+            return self.pids.index(pid)
+        except ValueError:
+            raise ValueError(f"pid {pid} is not a child of this group") from None
+
+    @property
+    def synced_members(self) -> tuple[int, ...]:
+        """`synced`, as member indices."""
+        return tuple(map(self.member, self.synced))
+
+    @property
+    def aborted_members(self) -> tuple[int, ...]:
+        """`aborted`, as member indices."""
+        return tuple(map(self.member, self.aborted))
+
+    @property
+    def died_members(self) -> tuple[int, ...]:
+        """`died`, as member indices."""
+        return tuple(map(self.member, self.died))
+
+    @property
+    def stopped_members(self) -> tuple[int, ...]:
+        """`stopped`, as member indices."""
+        return tuple(map(self.member, self.stopped))
 
     @property
     def ok(self) -> bool:
@@ -306,11 +339,19 @@ class BarrierGroup(Resource):
     def _result(self, outcomes: list[Outcome | None]) -> GroupResult:
         """The children by outcome (None: not reported), in group order."""
         by: dict[Outcome | None, list[int]] = {o: [] for o in (*Outcome, None)}
+        pids: list[int] = []
         for barrier, outcome in zip(self._members, outcomes, strict=True):
             pid = barrier.peer_pid
             assert pid is not None  # _check_ready
+            pids.append(pid)
             by[outcome].append(pid)
-        return GroupResult(*(tuple(by[o]) for o in Outcome))
+        return GroupResult(
+            synced=tuple(by[Outcome.SYNCED]),
+            aborted=tuple(by[Outcome.ABORTED]),
+            died=tuple(by[Outcome.DIED]),
+            stopped=tuple(by[Outcome.STOPPED]),
+            pids=tuple(pids),
+        )
 
     # -- life cycle -------------------------------------------------------------------
 

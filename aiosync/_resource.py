@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
+from collections.abc import Callable
 from types import TracebackType
 from typing import Self
 
@@ -47,8 +49,10 @@ class Resource:
         """How the warning names the object; must not need /proc (interpreter exit)."""
         return repr(self)
 
-    def __del__(self) -> None:
-        if getattr(self, "_closed", True):
+    def __del__(self, _finalizing: Callable[[], bool] = sys.is_finalizing) -> None:
+        # At interpreter exit the process closes every fd anyway, and module globals
+        # (threading, os) may already be gone: nothing to warn about or do.
+        if getattr(self, "_closed", True) or _finalizing():
             return
         if self._warns_unclosed():
             what = self._unclosed_description()

@@ -1,4 +1,6 @@
-"""Completion: cross-process `complete()` -> `wait()` hand-off, `complete_all()` fan-out (docs/design.md §6).
+"""Completion: cross-process `complete()` -> `wait()` hand-off, `complete_all()` fan-out.
+
+Targets and method: docs/design.md §6.
 
 **Hand-off.** Each repetition forks a child *before* any loop runs; parent and child
 then each run a fresh loop of the same kind and, after a short warm-up, do `ROUNDS`

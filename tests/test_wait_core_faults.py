@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
@@ -263,3 +265,30 @@ def test_close_racing_a_wait_raises_closed_and_registers_nothing(
             assert len(selector.get_map()) <= 1  # the loop's own self-pipe
     finally:
         loop.close()
+
+
+# ---------------------------------------------------------------------------------------
+# Objects still open at interpreter exit
+# ---------------------------------------------------------------------------------------
+
+
+def test_objects_left_open_at_exit_say_nothing() -> None:
+    """A child that takes its objects from inherited() and just exits is the usual
+    pattern: collecting them while the interpreter tears its modules down must not
+    print "Exception ignored" (the process closes its fds anyway)."""
+    code = (
+        "import aiosync\n"
+        "c = aiosync.Completion()\n"
+        "b = aiosync.Barrier()\n"
+        "r = aiosync.SeqRecord('qq')\n"
+        "g = aiosync.BarrierGroup(2)\n"
+        "holder = [c, b, r, g]\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-X", "dev", "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=SOON,
+        check=False,
+    )
+    assert (done.returncode, done.stderr) == (0, "")
