@@ -36,9 +36,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_docs import build
 
 ROOT = Path(__file__).parent.parent
-MKDOCS = Path(sys.executable).parent / "mkdocs"
 WIDTH = 1280
 HEIGHT = 900
 SHOT_MAX_HEIGHT = 6000  # a long page is shot down to here, enough to see its layout
@@ -248,15 +248,7 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("screenshots-site") / "site"
-    result = subprocess.run(
-        [str(MKDOCS), "build", "--strict", "--quiet", "--site-dir", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=100,
-        check=False,
-        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
-    )
+    result = build(ROOT, out)
     assert result.returncode == 0, result.stderr
     return out
 
