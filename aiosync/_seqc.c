@@ -710,18 +710,19 @@ Counter_write(Counter *self, PyObject *const *args, Py_ssize_t nargs)
 
 static PyMethodDef Counter_methods[] = {
     {"read_any", (PyCFunction)Counter_load, METH_NOARGS,
-     "read_any() -> int\n--\n\n"
+     "read_any($self, /)\n--\n\n"
      "The counter's current value, odd or even, without waiting (an acquire load).\n\n"
      "Returns:\n"
      "    The counter: even while no write is in progress, odd during one.\n\n"
      "Raises:\n"
      "    ClosedResourceError: the object was closed."},
     {"consistent", (PyCFunction)Counter_consistent, METH_O,
-     "consistent(seq) -> bool\n--\n\n"
+     "consistent($self, seq, /)\n--\n\n"
      "True if nothing was written since `seq` was read: an acquire fence, then a\n"
      "comparison with the counter. Loads of the protected data made before the call\n"
-     "are ordered before it. Pass the value `read()` returned before the data was\n"
-     "copied.\n\n"
+     "are ordered before it.\n\n"
+     "Args:\n"
+     "    seq: the value `read()` returned before the data was copied.\n\n"
      "Returns:\n"
      "    True if the copy is what the writer stored; False if it must be made\n"
      "    again.\n\n"
@@ -734,7 +735,7 @@ static PyMethodDef Counter_methods[] = {
 
 static PyMethodDef Record_methods[] = {
     {"read", (PyCFunction)(void (*)(void))Record_read, METH_FASTCALL | METH_KEYWORDS,
-     "read(*, max_attempts=None)\n--\n\n"
+     "read($self, /, *, max_attempts=None)\n--\n\n"
      "Await it: a consistent snapshot of the record (a tuple).\n\n"
      "Finishes at once, without a loop round trip, when no write is in progress (in\n"
      "latch mode: always, unless the record keeps changing under the copy). While a\n"
@@ -755,7 +756,7 @@ static PyMethodDef Record_methods[] = {
      "    ValueError: `max_attempts` is below 1.\n"
      "    ClosedResourceError: the record was closed, before or during the wait."},
     {"read_nowait", (PyCFunction)Counter_read_nowait, METH_NOARGS,
-     "read_nowait() -> tuple\n--\n\n"
+     "read_nowait($self, /)\n--\n\n"
      "A consistent snapshot of the record, without waiting.\n\n"
      "Returns:\n"
      "    A tuple, one value per field of the format.\n\n"
