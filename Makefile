@@ -27,7 +27,12 @@ $(VENV)/.installed-bench: $(VENV)/.installed-test
 	$(PY) -m pip install --quiet -e '.[test,docs,bench]'
 	touch $@
 
-demo: $(VENV)/.installed
+# The package with its demo extra (uvloop: every example also runs with --loop uvloop).
+$(VENV)/.installed-demo: $(PY) $(BUILD_INPUTS)
+	$(PY) -m pip install --quiet -e '.[demo]'
+	touch $@ $(VENV)/.installed
+
+demo: $(VENV)/.installed-demo
 	$(PY) examples/prefork_server.py
 
 lint: $(VENV)/.installed-test

@@ -69,10 +69,10 @@ class Barrier(Resource):
 
     Use it when two processes must wait on each other: "don't exec until the parent
     wrote the cgroup", "don't connect until the child has bound its socket". Create it
-    before the child starts, set each side's role, then each side `place()`\\ s numbered
-    sync points and awaits the other's. Either side can `abort()` (for instance when its
-    setup failed), and the other side learns of it at its next wait; a peer that exits
-    or is killed counts as aborting.
+    before the child starts, set each side's role, then each side places numbered sync
+    points (`place()`) and awaits the other's. Either side can `abort()` (for instance
+    when its setup failed), and the other side learns of it at its next wait; a peer
+    that exits or is killed counts as aborting, and is noticed at once.
 
     Every wait is an fd registered with the running loop: nothing blocks the loop and no
     thread is parked. Timeouts are the caller's (``async with asyncio.timeout(...)``).
@@ -82,6 +82,10 @@ class Barrier(Resource):
 
     For a process that runs no loop (a child about to exec, say) every wait has a
     blocking twin with a ``timeout=`` (``sync_blocking()`` and so on).
+
+    Raises:
+        OSError: the kernel refused the fds (two eventfds and a pipe), e.g. too many
+            open files.
     """
 
     def __init__(self) -> None:
@@ -124,6 +128,14 @@ class Barrier(Resource):
         PARENT keeps the pipe's read end; CHILD keeps its write end and swaps the
         eventfds. ``aiosync.create_subprocess_exec(share=...)`` and
         ``aiosync.inherited()`` set the roles for you.
+
+        Args:
+            role: `Role.PARENT` or `Role.CHILD`.
+
+        Raises:
+            TypeError: `role` is not a `Role`.
+            RuntimeError: the role is already set.
+            ClosedResourceError: the barrier was closed.
         """
         self._check_open()
         if not isinstance(role, Role):
@@ -193,8 +205,16 @@ class Barrier(Resource):
     def place(self) -> bool:
         """Place a barrier for the peer to wait for; never blocks.
 
-        Returns False without placing anything if either side aborted, and False if
-        the write failed (the barrier is then aborted on both sides).
+        Use it to say "I reached this point" without waiting for the peer; a later
+        `sync()` waits for the peer to reach it too.
+
+        Returns:
+            True once placed. False without placing anything if either side aborted, and
+            False if the write failed (the barrier is then aborted on both sides).
+
+        Raises:
+            RuntimeError: no role was set (`set_role`).
+            ClosedResourceError: the barrier was closed.
         """
         self._check_ready()
         with self._waitq.lock:
@@ -213,10 +233,17 @@ class Barrier(Resource):
     def abort(self) -> bool:
         """Abort: the peer's waits return False from now on, and so do this side's.
 
-        The abort supersedes every barrier this side placed and the peer has not read
-        yet. Pending ``sync()``-style waits of this side return False; its
-        ``wait_abortion()`` keeps waiting for the peer. Calling it again does nothing.
-        Returns False if the peer is known to have aborted too.
+        Use it when this side's setup failed and the peer must not go on. The abort
+        supersedes every barrier this side placed and the peer has not read yet. Pending
+        ``sync()``-style waits of this side return False; its ``wait_abortion()`` keeps
+        waiting for the peer. Calling it again does nothing.
+
+        Returns:
+            False if the peer is known to have aborted too, else True.
+
+        Raises:
+            RuntimeError: no role was set (`set_role`).
+            ClosedResourceError: the barrier was closed.
         """
         self._check_ready()
         with self._waitq.lock:
@@ -238,9 +265,16 @@ class Barrier(Resource):
     async def wait_next(self) -> bool:
         """Wait until the peer placed a barrier this side has not seen yet.
 
-        Consumes every barrier the peer placed so far (all in one read). Returns False
-        at once if either side aborted, and False if the peer aborts or exits meanwhile.
-        Cancellation: nothing is lost; what was read stays counted.
+        Consumes every barrier the peer placed so far (all in one read). On cancellation
+        (or an ``asyncio.timeout``) nothing is lost: what was read stays counted.
+
+        Returns:
+            True once the peer placed a new barrier. False at once if either side aborted,
+            and False if the peer aborts, exits or is killed meanwhile.
+
+        Raises:
+            RuntimeError: no role was set (`set_role`).
+            ClosedResourceError: the barrier was closed, before or during the wait.
         """
         self._check_ready()
         if self._i_aborted or self._they_aborted:
@@ -250,8 +284,17 @@ class Barrier(Resource):
     async def sync_next(self) -> bool:
         """Wait until the peer caught up with all but this side's last barrier.
 
-        Returns True at once, without any I/O, if no wait is needed (so it does not
-        notice a peer that already exited). False if either side aborted.
+        Use it to keep at most one sync point ahead of the peer. On cancellation (or an
+        ``asyncio.timeout``) nothing is lost: what was read stays counted.
+
+        Returns:
+            True once the peer is at most one barrier behind: at once, without any I/O, if
+            no wait is needed (so it does not notice a peer that already exited). False if
+            either side aborted, or if the peer aborts, exits or is killed meanwhile.
+
+        Raises:
+            RuntimeError: no role was set (`set_role`).
+            ClosedResourceError: the barrier was closed, before or during the wait.
         """
         self._check_ready()
         if self._i_aborted or self._they_aborted:
@@ -261,9 +304,17 @@ class Barrier(Resource):
     async def sync(self) -> bool:
         """Wait until the peer placed as many barriers as this side (full sync).
 
-        Returns True at once, without any I/O, if the peer is not behind (so it does
-        not notice a peer that already exited). False if either side aborted, or if the
-        peer aborts or exits before catching up.
+        On cancellation (or an ``asyncio.timeout``) nothing is lost: what was read stays
+        counted, and a later ``sync()`` waits for the same thing.
+
+        Returns:
+            True once the peer caught up: at once, without any I/O, if the peer is not
+            behind (so it does not notice a peer that already exited). False if either side
+            aborted, or if the peer aborts, exits or is killed before catching up.
+
+        Raises:
+            RuntimeError: no role was set (`set_role`).
+            ClosedResourceError: the barrier was closed, before or during the wait.
         """
         self._check_ready()
         if self._i_aborted or self._they_aborted:
@@ -271,7 +322,19 @@ class Barrier(Resource):
         return await self._read(0)
 
     async def place_and_sync(self) -> bool:
-        """`place()`, then `sync()`: the usual "I am ready, are you?" step."""
+        """`place()`, then `sync()`: the usual "I am ready, are you?" step.
+
+        On cancellation (or an ``asyncio.timeout``) the barrier stays placed; the sync is
+        undone as ``sync()``'s is (nothing read is lost).
+
+        Returns:
+            True once both sides reached this point. False if either side aborted, or if the
+            peer aborts, exits or is killed before reaching it.
+
+        Raises:
+            RuntimeError: no role was set (`set_role`).
+            ClosedResourceError: the barrier was closed, before or during the wait.
+        """
         # place() and the first half of sync() in one step under the lock: this is the
         # round trip every benchmark times, so it makes no call it can do without.
         if self._role is None or self._closed:
@@ -288,8 +351,17 @@ class Barrier(Resource):
     async def wait_abortion(self) -> bool:
         """Wait until the peer aborts or exits.
 
-        Works after this side aborted too (this side's own abort never releases it).
-        Returns True if only the peer aborted, False if this side aborted as well.
+        Use it to watch the peer while doing something else, e.g. beside a
+        `Completion` wait whose completer may die. Works after this side aborted too (this
+        side's own abort never releases it). Cancellation loses nothing.
+
+        Returns:
+            True if only the peer aborted (or exited, or was killed); False if this side
+            aborted as well.
+
+        Raises:
+            RuntimeError: no role was set (`set_role`).
+            ClosedResourceError: the barrier was closed, before or during the wait.
         """
         self._check_ready()
         started = start_wait(self, UNTIL_ABORTED)
@@ -306,33 +378,102 @@ class Barrier(Resource):
     # -- blocking twins ---------------------------------------------------------------
 
     def wait_next_blocking(self, timeout: float | None = None) -> bool:
-        """`wait_next()` for code without a running loop; `TimeoutError` after `timeout`."""
+        """`wait_next()` for code without a running loop: blocks this thread.
+
+        Args:
+            timeout: seconds to wait at most; None waits for ever.
+
+        Returns:
+            As `wait_next()`.
+
+        Raises:
+            TimeoutError: `timeout` seconds passed first (nothing read is lost, as when the
+                async call is cancelled).
+            RuntimeError: an event loop is running in this thread (await `wait_next()`
+                instead), or no role was set.
+            ClosedResourceError: the barrier was closed, also by another thread meanwhile.
+        """
         self._check_ready()
         if self._i_aborted or self._they_aborted:
             return False
         return self._read_blocking(self._barriers - 1, timeout)
 
     def sync_next_blocking(self, timeout: float | None = None) -> bool:
-        """`sync_next()` for code without a running loop; `TimeoutError` after `timeout`."""
+        """`sync_next()` for code without a running loop: blocks this thread.
+
+        Args:
+            timeout: seconds to wait at most; None waits for ever.
+
+        Returns:
+            As `sync_next()`.
+
+        Raises:
+            TimeoutError: `timeout` seconds passed first (nothing read is lost, as when the
+                async call is cancelled).
+            RuntimeError: an event loop is running in this thread (await `sync_next()`
+                instead), or no role was set.
+            ClosedResourceError: the barrier was closed, also by another thread meanwhile.
+        """
         self._check_ready()
         if self._i_aborted or self._they_aborted:
             return False
         return self._read_blocking(max(0, self._barriers - 1), timeout)
 
     def sync_blocking(self, timeout: float | None = None) -> bool:
-        """`sync()` for code without a running loop; `TimeoutError` after `timeout`."""
+        """`sync()` for code without a running loop: blocks this thread.
+
+        Args:
+            timeout: seconds to wait at most; None waits for ever.
+
+        Returns:
+            As `sync()`.
+
+        Raises:
+            TimeoutError: `timeout` seconds passed first (nothing read is lost, as when the
+                async call is cancelled).
+            RuntimeError: an event loop is running in this thread (await `sync()`
+                instead), or no role was set.
+            ClosedResourceError: the barrier was closed, also by another thread meanwhile.
+        """
         self._check_ready()
         if self._i_aborted or self._they_aborted:
             return False
         return self._read_blocking(0, timeout)
 
     def place_and_sync_blocking(self, timeout: float | None = None) -> bool:
-        """`place_and_sync()` for code without a running loop."""
+        """`place_and_sync()` for code without a running loop: blocks this thread.
+
+        Args:
+            timeout: seconds to wait at most; None waits for ever.
+
+        Returns:
+            As `place_and_sync()`.
+
+        Raises:
+            TimeoutError: `timeout` seconds passed first (nothing read is lost, as when the
+                async call is cancelled).
+            RuntimeError: an event loop is running in this thread (await `place_and_sync()`
+                instead), or no role was set.
+            ClosedResourceError: the barrier was closed, also by another thread meanwhile.
+        """
         self.place()
         return self.sync_blocking(timeout)
 
     def wait_abortion_blocking(self, timeout: float | None = None) -> bool:
-        """`wait_abortion()` for code without a running loop; `TimeoutError` after `timeout`."""
+        """`wait_abortion()` for code without a running loop: blocks this thread.
+
+        Args:
+            timeout: seconds to wait at most; None waits for ever.
+
+        Returns:
+            True if only the peer aborted (or exited); False if this side aborted as well.
+
+        Raises:
+            TimeoutError: `timeout` seconds passed first.
+            RuntimeError: an event loop is running in this thread (await
+                `wait_abortion()` instead), or no role was set.
+            ClosedResourceError: the barrier was closed, also by another thread meanwhile.
+        """
         self._check_ready()
         self._block_until(lambda: self._they_aborted, timeout)
         return not self._i_aborted

@@ -105,22 +105,43 @@ class Completion(Resource):
     def complete(self) -> None:
         """Signal one completion: exactly one `wait()`, now or later, gets through.
 
-        Safe to call from any thread, from a signal handler, or from another process
-        holding the completion.
+        Use it once per thing that happened ("this worker is ready"). Safe to call from
+        any thread, from a signal handler, or from another process holding the
+        completion; it never blocks and takes no lock.
+
+        Raises:
+            OverflowError: too many completions are pending (the eventfd's counter is
+                full: about 2**64 of them).
+            ClosedResourceError: the completion was closed in this process.
         """
         self._check_open()
         if not _fd.write_eventfd(self._count, 1):
             raise OverflowError("too many completions are pending (the eventfd is full)")
 
     def complete_all(self) -> None:
-        """Let every current and future `wait()` through, until `reinit()`."""
+        """Let every current and future `wait()` through, until `reinit()`.
+
+        Use it for a state that stays done ("shut down now"); waits pass without taking
+        anything. Never blocks.
+
+        Raises:
+            ClosedResourceError: the completion was closed in this process.
+        """
         self._check_open()
         _fd.write_eventfd(self._all, 1)
 
     # -- taking --------------------------------------------------------------------------
 
     def try_wait(self) -> bool:
-        """Take one completion if one is available (or all are done); never blocks."""
+        """Take one completion if one is available (or all are done); never blocks.
+
+        Returns:
+            True if it took one, or if all are done (then it takes nothing); False if
+            nothing was available.
+
+        Raises:
+            ClosedResourceError: the completion was closed in this process.
+        """
         self._check_open()
         all_done, available = self._poll()
         if all_done:
@@ -128,7 +149,14 @@ class Completion(Resource):
         return available and _fd.read_eventfd(self._count) != 0
 
     def done(self) -> bool:
-        """Whether a `wait()` would get through now. Never takes anything."""
+        """Whether a `wait()` would get through now. Never takes anything.
+
+        Returns:
+            True if a completion is available or all are done.
+
+        Raises:
+            ClosedResourceError: the completion was closed in this process.
+        """
         self._check_open()
         return any(self._poll())
 
@@ -138,8 +166,11 @@ class Completion(Resource):
         Returns at once, without a loop round trip, when one is available and no other
         task of this loop waits. Waiters of one event loop are served oldest first.
         Cancellation or a timeout (``async with asyncio.timeout(...)``) loses nothing:
-        the count is taken only by the task that returns. ``close()`` meanwhile raises
-        `ClosedResourceError`.
+        the count is taken only by the task that returns. A completer that dies is not
+        noticed: pair the wait with a `Barrier`'s `wait_abortion()` where that matters.
+
+        Raises:
+            ClosedResourceError: the completion was closed, before or during the wait.
         """
         await self._waitq.wait_turn(None, self._take)
 
@@ -154,9 +185,19 @@ class Completion(Resource):
     def wait_blocking(self, timeout: float | None = None) -> bool:
         """`wait()` for code without a running loop: block this thread until it takes one.
 
-        Returns True (a completion was taken, or all are done). Raises `TimeoutError`
-        when `timeout` seconds pass first, having taken nothing; `ClosedResourceError`
-        when the completion is closed, also by another thread meanwhile.
+        Args:
+            timeout: seconds to wait at most; None waits for ever.
+
+        Returns:
+            True: a completion was taken, or all are done. (A timeout raises; it is never
+            a return value.)
+
+        Raises:
+            TimeoutError: `timeout` seconds passed first, having taken nothing.
+            RuntimeError: an event loop is running in this thread (await `wait()`
+                instead).
+            ClosedResourceError: the completion was closed, also by another thread
+                meanwhile.
         """
         self._check_open()
         _waitq.no_running_loop("wait_blocking()", "await wait()")
@@ -177,8 +218,13 @@ class Completion(Resource):
     def reinit(self) -> None:
         """Back to "nothing completed": drop pending completions and the all-done state.
 
-        As in the kernel, the caller must make sure nobody waits (in any process) while
-        it reinitializes; waiters of this process make it raise `RuntimeError`.
+        Use it between rounds, when everyone agrees nobody waits. As in the kernel, the
+        caller must make sure nobody waits (in any process) while it reinitializes:
+        completions that arrive meanwhile may be dropped.
+
+        Raises:
+            RuntimeError: tasks of this process wait on it.
+            ClosedResourceError: the completion was closed in this process.
         """
         self._check_open()
         with self._waitq.lock:
@@ -244,9 +290,10 @@ class Completion(Resource):
     # -- life cycle -------------------------------------------------------------------
 
     def close(self) -> None:
-        """Close the completion's fds. Idempotent; pending waits raise `ClosedResourceError`.
+        """Close the completion's fds. Idempotent.
 
-        Other processes holding the completion are not affected.
+        Pending waits of this process raise `ClosedResourceError`, and so does any later
+        use. Other processes holding the completion are not affected.
         """
         if self._closed:
             return

@@ -198,6 +198,16 @@ class BarrierGroup(Resource):
         this itself): after ``os.fork()`` or ``multiprocessing.Process.start()``. Sets
         the member's role to PARENT if it is not set yet. A forked child must call
         `child` (see there); a spawn or forkserver child gets only its own member.
+
+        Args:
+            index: the member, 0 to n - 1.
+            pid: the child process holding the member's other side.
+
+        Raises:
+            ValueError: `pid` is not a positive int.
+            IndexError: no member `index`.
+            RuntimeError: member `index` was made the CHILD side.
+            ClosedResourceError: the group was closed.
         """
         self._check_open()
         if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
@@ -218,6 +228,18 @@ class BarrierGroup(Resource):
         parent. Call this first thing in the child: it closes every other member here,
         sets member `index` to the CHILD role and returns it. The group object itself
         is spent in this process (closed); the parent's is untouched.
+
+        Args:
+            index: this child's member, 0 to n - 1.
+
+        Returns:
+            Member `index`, a `Barrier` with role CHILD whose peer is the parent.
+
+        Raises:
+            IndexError: no member `index`.
+            RuntimeError: the member already has a role (not called in a forked child,
+                or called twice).
+            ClosedResourceError: the group was closed.
         """
         self._check_open()
         mine = self._members[index]
@@ -239,8 +261,14 @@ class BarrierGroup(Resource):
     def place(self) -> bool:
         """Place a barrier for every child; never blocks.
 
-        Returns True if it was placed with every child; False if some member is
-        aborted (nothing is placed on those), as `Barrier.place` does for one.
+        Returns:
+            True if it was placed with every child; False if some member is aborted
+            (nothing is placed on those), as `Barrier.place` does for one.
+
+        Raises:
+            RuntimeError: a member has no child yet (share it with
+                `aiosync.create_subprocess_exec`, or call `attach`).
+            ClosedResourceError: the group (or a member) was closed.
         """
         self._check_ready()
         placed = True
@@ -251,9 +279,17 @@ class BarrierGroup(Resource):
     def abort(self) -> bool:
         """Abort with every child: their waits return False from now on.
 
-        Pending `sync` calls of the group (and of the members) return, with the
-        children that had not synced yet in ``stopped``; `wait_abortion` keeps waiting
-        for a child. Returns False if some child is known to have aborted or died.
+        Use it when the parent gives up on the start-up. Pending `sync` calls of the
+        group (and of the members) return, with the children that had not synced yet in
+        ``stopped``; `wait_abortion` keeps waiting for a child.
+
+        Returns:
+            False if some child is known to have aborted or died, else True.
+
+        Raises:
+            RuntimeError: a member has no child yet (share it with
+                `aiosync.create_subprocess_exec`, or call `attach`).
+            ClosedResourceError: the group (or a member) was closed.
         """
         self._check_ready()
         unaborted = True
@@ -266,9 +302,10 @@ class BarrierGroup(Resource):
     async def sync(self, *, abort_on_failure: bool = False) -> GroupResult:
         """Wait until every child placed as many barriers as this side, or failed.
 
-        Returns when each child has synced, aborted or died; the result names them.
-        A child that needs no wait counts as synced at once, without I/O (so a child
-        that already exited is not noticed, as with `Barrier.sync`).
+        Returns when each child has synced, aborted or died. A child that needs no wait
+        counts as synced at once, without I/O (so a child that already exited is not
+        noticed, as with `Barrier.sync`). A child that dies or is killed while waited for
+        is noticed at once.
 
         With ``abort_on_failure=True`` the first child that aborts or dies (or one
         already known to have) aborts the whole group: the children still behind stop
@@ -276,20 +313,54 @@ class BarrierGroup(Resource):
         wait). Cancellation or a timeout takes back every wait still parked; what the
         members read stays counted, so a later `sync` carries on from there. (An abort
         that ``abort_on_failure`` already made stays made.)
+
+        Args:
+            abort_on_failure: abort the group as soon as one child aborts or dies.
+
+        Returns:
+            A `GroupResult` naming the children that synced, aborted, died or were
+            stopped; true in a boolean context when every child synced. A failed child is
+            an outcome, not an exception.
+
+        Raises:
+            RuntimeError: a member has no child yet (share it with
+                `aiosync.create_subprocess_exec`, or call `attach`).
+            ClosedResourceError: the group (or a member) was closed, before or during the wait.
         """
         self._check_ready()
         return await self._sync(abort_on_failure)
 
     async def place_and_sync(self, *, abort_on_failure: bool = False) -> GroupResult:
-        """`place`, then `sync`: the usual "I am ready, are you all?" step."""
+        """`place`, then `sync`: the usual "I am ready, are you all?" step.
+
+        Args:
+            abort_on_failure: abort the group as soon as one child aborts or dies.
+
+        Returns:
+            As `sync`: a `GroupResult`, true when every child synced.
+
+        Raises:
+            RuntimeError: a member has no child yet (share it with
+                `aiosync.create_subprocess_exec`, or call `attach`).
+            ClosedResourceError: the group (or a member) was closed, before or during the wait.
+        """
         self.place()  # an aborted member places nothing, and its sync says so
         return await self._sync(abort_on_failure)
 
     async def wait_abortion(self) -> GroupResult:
         """Wait until any child aborts or exits (this side's own abort does not count).
 
-        Returns the children known by then to have aborted or died (at least one);
-        ``synced`` is empty. Cancellation or a timeout leaves every member as it was.
+        Use it to watch the workers once they run: a worker that dies, even by SIGKILL,
+        is noticed at once. Cancellation or a timeout leaves every member as it was.
+
+        Returns:
+            A `GroupResult` with the children known by then to have aborted or died (at
+            least one) in ``aborted`` and ``died``; ``synced`` is empty.
+
+        Raises:
+            RuntimeError: a member has no child yet (share it with
+                `aiosync.create_subprocess_exec`, or call `attach`).
+            ClosedResourceError: the group (or a member) was closed, before or during the wait.
         """
         self._check_ready()
         if not any(b.they_aborted for b in self._members):

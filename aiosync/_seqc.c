@@ -710,36 +710,60 @@ Counter_write(Counter *self, PyObject *const *args, Py_ssize_t nargs)
 
 static PyMethodDef Counter_methods[] = {
     {"read_any", (PyCFunction)Counter_load, METH_NOARGS,
-     "read_any() -> int\n--\n\n"
-     "The counter's current value, odd or even, without waiting (an acquire load)."},
+     "read_any($self, /)\n--\n\n"
+     "The counter's current value, odd or even, without waiting (an acquire load).\n\n"
+     "Returns:\n"
+     "    The counter: even while no write is in progress, odd during one.\n\n"
+     "Raises:\n"
+     "    ClosedResourceError: the object was closed."},
     {"consistent", (PyCFunction)Counter_consistent, METH_O,
-     "consistent(seq) -> bool\n--\n\n"
+     "consistent($self, seq, /)\n--\n\n"
      "True if nothing was written since `seq` was read: an acquire fence, then a\n"
      "comparison with the counter. Loads of the protected data made before the call\n"
-     "are ordered before it."},
+     "are ordered before it.\n\n"
+     "Args:\n"
+     "    seq: the value `read()` returned before the data was copied.\n\n"
+     "Returns:\n"
+     "    True if the copy is what the writer stored; False if it must be made\n"
+     "    again.\n\n"
+     "Raises:\n"
+     "    TypeError: `seq` is not an int.\n"
+     "    ClosedResourceError: the object was closed."},
     COMMON_METHODS,
     {NULL, NULL, 0, NULL},
 };
 
 static PyMethodDef Record_methods[] = {
     {"read", (PyCFunction)(void (*)(void))Record_read, METH_FASTCALL | METH_KEYWORDS,
-     "read(*, max_attempts=None)\n--\n\n"
+     "read($self, /, *, max_attempts=None)\n--\n\n"
      "Await it: a consistent snapshot of the record (a tuple).\n\n"
      "Finishes at once, without a loop round trip, when no write is in progress (in\n"
      "latch mode: always, unless the record keeps changing under the copy). While a\n"
      "write is in progress, backs off asynchronously (see `backoff`) and tries again.\n\n"
-     "Starvation: wrap it in asyncio.timeout() (cancellation is clean), or pass\n"
-     "max_attempts to get aiosync.BusyResourceError after that many unsuccessful\n"
-     "attempts. Writer death: if the writer's process is gone (or a zombie) while the\n"
-     "counter stays odd, raises aiosync.BrokenResourceError naming its pid. After\n"
-     "close(): aiosync.ClosedResourceError.\n\n"
-     "It returns a coroutine-like object: await it, or pass it to create_task()."},
+     "Starvation: wrap it in asyncio.timeout() (cancellation is clean: a reader\n"
+     "holds nothing), or pass max_attempts. It returns a coroutine-like object:\n"
+     "await it, or pass it to create_task().\n\n"
+     "Args:\n"
+     "    max_attempts: give up after this many unsuccessful attempts (None: never).\n\n"
+     "Returns:\n"
+     "    A tuple, one value per field of the format.\n\n"
+     "Raises:\n"
+     "    BusyResourceError: `max_attempts` attempts found a write in progress (or\n"
+     "        the record changing under the copy).\n"
+     "    BrokenResourceError: the writer died inside a write (its process is gone\n"
+     "        or a zombie while the counter stays odd), naming its pid.\n"
+     "    TypeError: `max_attempts` is not an int or None.\n"
+     "    ValueError: `max_attempts` is below 1.\n"
+     "    ClosedResourceError: the record was closed, before or during the wait."},
     {"read_nowait", (PyCFunction)Counter_read_nowait, METH_NOARGS,
-     "read_nowait() -> tuple\n--\n\n"
+     "read_nowait($self, /)\n--\n\n"
      "A consistent snapshot of the record, without waiting.\n\n"
-     "Raises aiosync.WouldBlock if a write is in progress (never, in latch mode,\n"
-     "unless the record keeps changing under the copy), and\n"
-     "aiosync.ClosedResourceError after close()."},
+     "Returns:\n"
+     "    A tuple, one value per field of the format.\n\n"
+     "Raises:\n"
+     "    WouldBlock: a write is in progress (never, in latch mode, unless the\n"
+     "        record keeps changing under the copy).\n"
+     "    ClosedResourceError: the record was closed."},
     {"_try_read", (PyCFunction)Counter_try_read, METH_NOARGS,
      "_try_read() -> tuple | None\n--\n\n"
      "A consistent snapshot, or None if a write is in progress (or the counter kept\n"

@@ -433,16 +433,28 @@ class SeqCount(_seqc.Counter, Resource):
         """The counter's value once no write is in progress (an even value).
 
         Returns at once, without a loop round trip, when the counter is even. While it
-        is odd, backs off asynchronously (`backoff`) and looks again; the loop stays
+        is odd, backs off asynchronously (`backoff`: a few loop round trips, then sleeps
+        growing up to ``backoff.cap``, 10 ms by default) and looks again; the loop stays
         free for other tasks. Then read the data and call `consistent` with the value.
 
         Starvation: wrap it in ``asyncio.timeout(...)`` (cancellation is clean: nothing
-        is held), or pass `max_attempts` to get `BusyResourceError` after that many
-        looks at an odd counter. Writer death: if the counter stays at the same odd
-        value and the writer's process is gone (or a zombie), raises
-        `BrokenResourceError` naming its pid, after about
-        ``backoff.check_writer_after + backoff.cap`` seconds. After `close`:
-        `ClosedResourceError`.
+        is held), or pass `max_attempts`. Writer death is noticed only inside a write:
+        a writer that died between writes leaves an even counter, and `read` returns it.
+
+        Args:
+            max_attempts: give up after this many looks at an odd counter (None: never).
+
+        Returns:
+            The counter's even value, to pass to `consistent` after reading the data.
+
+        Raises:
+            BusyResourceError: `max_attempts` looks found a write in progress.
+            BrokenResourceError: the writer died inside a write (the counter stays at
+                the same odd value and its process is gone or a zombie), naming its pid;
+                after about ``backoff.check_writer_after + backoff.cap`` seconds.
+            TypeError: `max_attempts` is not an int or None.
+            ValueError: `max_attempts` is below 1.
+            ClosedResourceError: the SeqCount was closed, before or during the wait.
         """
         if max_attempts is not None:
             _check_attempts(max_attempts)
@@ -461,10 +473,13 @@ class SeqCount(_seqc.Counter, Resource):
     def write_begin(self) -> None:
         """Start a write: the counter becomes odd, and readers wait until `write_end`.
 
-        Never blocks. Raises `BusyResourceError` if a write is already in progress:
-        begun by this object, by another writer of this process, or by a live process
-        (writers must take turns; the compare-and-swap makes sure they do). A write
-        left unfinished by a process that died is taken over.
+        Never blocks. A write left unfinished by a process that died is taken over.
+
+        Raises:
+            BusyResourceError: a write is already in progress: begun by this object, by
+                another writer of this process, or by a live process (writers must take
+                turns; the compare-and-swap makes sure they do).
+            ClosedResourceError: the SeqCount was closed.
         """
         if self._closed:
             raise ClosedResourceError("this SeqCount was closed")
@@ -480,7 +495,11 @@ class SeqCount(_seqc.Counter, Resource):
         """End the write begun by `write_begin`: the counter becomes even again.
 
         Everything stored since `write_begin` is visible to a reader that sees the new
-        value. Raises `RuntimeError` if this object is not inside a write.
+        value.
+
+        Raises:
+            RuntimeError: this object is not inside a write.
+            ClosedResourceError: the SeqCount was closed (with no write of its own open).
         """
         writing = self._writing
         if writing is None or writing[0] != _pid:
@@ -491,12 +510,14 @@ class SeqCount(_seqc.Counter, Resource):
         self._end()
 
     def write(self) -> _WriteSection:
-        """``with seqcount.write(): ...`` brackets the block with `write_begin` and
-        `write_end`.
+        """``with seqcount.write(): ...`` brackets the block with `write_begin` and `write_end`.
 
         The write ends however the block is left, exception included: a reader then
         sees whatever the block stored, so a block that can fail half-way should undo
         or finish its changes itself.
+
+        Returns:
+            A context manager; entering it raises what `write_begin` raises.
         """
         return _WriteSection(self)
 
@@ -679,10 +700,17 @@ class SeqRecord(_seqc.Record, Resource):
     def write(self, *values: Any) -> None:
         """Publish new values (one per field of the format); never blocks.
 
-        Readers see the old values or the new ones, never a mix. Raises
-        `BusyResourceError` if another write is in progress (writers must take turns),
-        `TypeError`/`ValueError` if the values do not fit the format. Inside a
+        Readers see the old values or the new ones, never a mix. Inside a
         ``with record.seqcount.write():`` block of this task, only stores the values.
+
+        Args:
+            *values: one value per field of the record's format.
+
+        Raises:
+            BusyResourceError: another write is in progress (writers must take turns).
+            TypeError: the wrong number of values, or a value of the wrong type.
+            ValueError: a value out of its field's range.
+            ClosedResourceError: the record was closed.
         """
         try:
             data = self._pack(*values)

@@ -92,15 +92,35 @@ async def create_subprocess_exec(
 ) -> asyncio.subprocess.Process:
     """`asyncio.create_subprocess_exec` that hands aiosync objects to the child.
 
-    ``share`` maps names to aiosync objects; in the child, `aiosync.inherited()` returns
-    the same names mapped to rebuilt objects. The objects' fds are added to
-    ``pass_fds`` and described in the ``AIOSYNC_SHARED`` environment variable (added to
-    ``env``, or to a copy of ``os.environ``). Every other argument is passed on.
+    Use it to start a child that shares a `Barrier`, `Completion`, `SeqRecord` (or a
+    record's `SeqCount`) with this process. ``share`` maps names to aiosync objects;
+    in the child, `aiosync.inherited()` returns the same names mapped to rebuilt
+    objects. The objects' fds are added to ``pass_fds`` and described in the
+    ``AIOSYNC_SHARED`` environment variable (added to ``env``, or to a copy of
+    ``os.environ``). Every other argument is passed on.
 
     After the child started, a shared `Barrier` takes the PARENT role here (the child's
-    is CHILD). If starting the child fails, nothing is changed and the error propagates.
-    A Barrier whose role is already set cannot be shared, and no object can be shared
-    under two names (`SharingError`, raised before anything starts).
+    is CHILD) and knows the child's pid, so its waits notice the child's death. If
+    starting the child fails, nothing is changed and the error propagates.
+    Cancellation behaves as asyncio's own.
+
+    Args:
+        program: the program to run, as for `asyncio.create_subprocess_exec`.
+        *args: its arguments.
+        share: the aiosync objects to hand over, by name (None or empty: none).
+        **kwds: passed on to `asyncio.create_subprocess_exec`.
+
+    Returns:
+        The started `asyncio.subprocess.Process`.
+
+    Raises:
+        TypeError: a ``share`` key is not a non-empty string, or a value is not an
+            aiosync object.
+        SharingError: an object cannot be shared: a Barrier whose role is already
+            set, one object under two names, a SeqCount over memory of your own
+            (raised before anything starts).
+        ClosedResourceError: a shared object was closed.
+        OSError: the child could not be started (as from asyncio).
     """
     if not share:
         return await asyncio.create_subprocess_exec(program, *args, **kwds)
@@ -147,8 +167,12 @@ def inherited() -> dict[str, object]:
     The first call rebuilds the objects (a Barrier comes with role CHILD) and removes
     ``AIOSYNC_SHARED`` from the environment; later calls return the same objects.
 
-    Raises `SharingError` if the variable is missing, corrupted or forged, or if an fd
-    it names is not open or not what it claims to be. Nothing is left open then.
+    Returns:
+        A new dict of name to object on every call; the objects are the same.
+
+    Raises:
+        SharingError: the variable is missing, corrupted or forged, or an fd it
+            names is not open or not what it claims to be. Nothing is left open then.
     """
     global _inherited
     if _inherited is None:

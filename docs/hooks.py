@@ -1,8 +1,8 @@
 """MkDocs hooks for the aiosync site (listed in mkdocs.yml).
 
-- ``examples.md`` is generated from ``examples/*.py``: for each example, what its
-  docstring says, then its source. The examples stay the single source of truth (the
-  test suite runs them).
+- ``examples.md`` is generated from ``examples/*.py``: for each example, the first
+  line of its docstring, then its source (which starts with the whole docstring).
+  The examples stay the single source of truth (the test suite runs them).
 - A page's link to ``../examples/NAME.py`` (the source file, which is what GitHub
   shows) points at that example's section of ``examples.md`` in the site. Every other
   link is left alone, so a broken one still fails the strict build.
@@ -30,20 +30,28 @@ def examples() -> list[Path]:
 
 
 def examples_page() -> str:
+    """The examples page: each example's summary line, then its whole source.
+
+    The rest of the docstring (what the example shows, how to run it) is the top of the
+    source itself, so it is not repeated above it. The page hides the table of contents
+    (it lists the examples at the top instead) so that the sources, written to 100
+    columns, fit a 1280 px screen without scrolling sideways.
+    """
+    paths = examples()
     parts = [
+        "---\nhide:\n  - toc\n---\n",
         "# Examples\n",
         "Runnable programs, each run end to end by the test suite on both loops. "
         "They live in the repository's `examples/` folder; run them with "
         "`.venv/bin/python examples/NAME.py --help`.\n",
+        "\n".join(f"- [`{path.name}`](#{path.stem})" for path in paths) + "\n",
     ]
-    for path in examples():
+    for path in paths:
         source = path.read_text()
         doc = ast.get_docstring(ast.parse(source)) or ""
-        summary, _, details = doc.partition("\n\n")
+        summary = doc.partition("\n\n")[0]
         parts.append(f"## {path.name} {{#{path.stem}}}\n")
         parts.append(summary.replace("\n", " ") + "\n")
-        if details.strip():
-            parts.append("```text\n" + details.strip("\n") + "\n```\n")
         parts.append(f'```python title="examples/{path.name}"\n{source}```\n')
     return "\n".join(parts)
 
