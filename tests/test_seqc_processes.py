@@ -508,7 +508,7 @@ def test_forged_descriptions_are_refused() -> None:
                 ("SeqRecord", good, {"fd": memfd}, "fields"),
                 ("SeqRecord", good, {"memfd": efd}, "should be a memfd"),
                 ("SeqRecord", good, {"memfd": 999}, "not open"),
-                ("SeqRecord", good, {"memfd": small}, "bytes, 40 are needed"),
+                ("SeqRecord", good, {"memfd": small}, "bytes, 48 are needed"),
                 ("SeqRecord", {"format": "1000q", "latch": True}, {"memfd": memfd}, "needed"),
                 ("SeqCount", {"offset": 4, "size": 0, "copies": 0}, {"memfd": memfd}, "layout"),
                 ("SeqCount", {"offset": -8, "size": 0, "copies": 0}, {"memfd": memfd}, "offset"),
