@@ -49,7 +49,7 @@ $(VENV)/.installed-wheel: $(PY) $(BUILD_INPUTS)
 	touch $@ $(VENV)/.installed
 
 wheel: $(VENV)/.installed-wheel
-	rm -rf dist/raw
+	rm -rf build dist/raw
 	$(PY) -m pip wheel --quiet --no-deps --wheel-dir dist/raw .
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/auditwheel repair --wheel-dir dist dist/raw/aiosync-*.whl
 	rm -rf dist/raw
