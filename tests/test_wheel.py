@@ -23,11 +23,12 @@ BIN = Path(sys.executable).parent
 UNTRACKED = (".*", "build", "dist", "site", "*.so", "*.egg-info", "__pycache__")
 
 SMOKE = """
-import os, sys
+import importlib.metadata, os, sys
 import aiosync
 from aiosync import Barrier, Role, SeqRecord
 
 assert aiosync.__file__.startswith(sys.prefix), aiosync.__file__  # the installed copy
+assert importlib.metadata.version("aiosync") == aiosync.__version__  # one version
 with Barrier() as barrier, SeqRecord("qqd") as record:
     record.write(1, 2, 3.0)
     pid = os.fork()
