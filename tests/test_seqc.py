@@ -1015,8 +1015,9 @@ def test_close_while_threads_read_and_write(latch: bool) -> None:
         close_while_threads_read_and_write(latch)
 
 
-def close_in_three_threads(latch: bool) -> None:
+def close_in_three_threads(latch: bool, closed: list[int]) -> None:
     record = SeqRecord("qqd", latch=latch)
+    fd = record._memory.fd
     view = record.seqcount
     view.write_begin()
     start = threading.Barrier(4)
@@ -1037,16 +1038,30 @@ def close_in_three_threads(latch: bool) -> None:
         thread.join(timeout=10)
     assert errors == []
     assert record._memory.fd == -1
+    assert closed.count(fd) == 1  # closed once: never a number reused meanwhile
     assert view._released  # the view is closed with the record
 
 
 @pytest.mark.parametrize("latch", [False, True])
-def test_threads_closing_at_once_close_once(latch: bool, fd_count: Callable[[], int]) -> None:
+def test_threads_closing_at_once_close_once(
+    latch: bool, fd_count: Callable[[], int], monkeypatch: pytest.MonkeyPatch
+) -> None:
     # One close() does the work: the memfd is closed once, never a number that another
     # thread may have been given meanwhile.
+    from aiosync import _fd
+
+    closed: list[int] = []
+    close = _fd.close
+
+    def counted(fd: int) -> None:
+        closed.append(fd)
+        close(fd)
+
+    monkeypatch.setattr(_fd, "close", counted)
     before = fd_count()
-    for _ in range(50):
-        close_in_three_threads(latch)
+    for _ in range(200):
+        close_in_three_threads(latch, closed)
+        closed.clear()
     assert fd_count() == before
 
 
