@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import importlib.util
 import mmap
 import os
 import struct
@@ -87,6 +88,50 @@ def test_extension_is_built() -> None:
 
     assert _seqc.HEADER == SeqCount.size == 16
     assert Path(_seqc.__file__).suffix == ".so"
+
+
+def test_each_module_object_has_its_own_types() -> None:
+    # Multi-phase initialisation, heap types, module state: loading the extension again
+    # makes a second, independent module (as each subinterpreter gets), not a copy of
+    # the first one's statics.
+    from aiosync import _seqc
+
+    spec = importlib.util.spec_from_file_location("aiosync._seqc", _seqc.__file__)
+    assert spec is not None
+    assert spec.loader is not None
+    other: Any = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(other)
+    assert other is not _seqc
+    assert other.Counter is not _seqc.Counter
+    assert other.Record is not _seqc.Record
+    memory = mmap.mmap(-1, mmap.PAGESIZE)
+    layout = struct.Struct("qqd")
+    record = other.Record(memory, 0, layout.size, 1, layout.unpack)
+    assert record._write(layout.pack(1, 2, 3.0), 1 << 32) is None
+    assert record.read_nowait() == (1, 2, 3.0)
+    with pytest.raises(StopIteration) as done:
+        record.read().send(None)  # the Ready type of the other module's state
+    assert done.value.value == (1, 2, 3.0)
+    record._release()
+    memory.close()
+
+
+@pytest.mark.skipif(
+    not sysconfig.get_config_var("Py_GIL_DISABLED"), reason="not a free-threaded build"
+)
+def test_importing_aiosync_keeps_the_gil_disabled() -> None:
+    # The extension declares Py_mod_gil = Py_MOD_GIL_NOT_USED: importing it must not
+    # turn the GIL back on (which CPython would announce with a RuntimeWarning).
+    env = {k: v for k, v in os.environ.items() if k != "PYTHON_GIL"}
+    code = "import sys, aiosync; assert not sys._is_gil_enabled(), 'the GIL is enabled'"
+    result = subprocess.run(
+        [sys.executable, "-W", "error", "-c", code],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
 
 
 # ---------------------------------------------------------------------------------------
