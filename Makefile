@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PY     := $(BIN)/python
 BUILD_INPUTS := pyproject.toml $(wildcard setup.py) $(wildcard aiosync/*.c)
 
-.PHONY: demo test lint check bench docs clean
+.PHONY: demo test lint check bench docs wheel clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,19 @@ test: lint docs
 bench: $(VENV)/.installed-bench
 	$(PY) -m benchmarks
 
+# A wheel for users without a compiler: built here, then repaired by auditwheel into a
+# manylinux wheel (it links nothing but libc) in dist/. Release wheels for every
+# interpreter and architecture: cibuildwheel, configured in pyproject.toml.
+$(VENV)/.installed-wheel: $(PY) $(BUILD_INPUTS)
+	$(PY) -m pip install --quiet -e '.[wheel]'
+	touch $@ $(VENV)/.installed
+
+wheel: $(VENV)/.installed-wheel
+	rm -rf build dist/raw
+	$(PY) -m pip wheel --quiet --no-deps --wheel-dir dist/raw .
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/auditwheel repair --wheel-dir dist dist/raw/aiosync-*.whl
+	rm -rf dist/raw
+
 # Checks the docs against the code, then builds the site into site/ (--strict: a
 # broken link, page or API reference fails).
 docs: $(VENV)/.installed-test
@@ -53,4 +66,4 @@ docs: $(VENV)/.installed-test
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 clean:
-	rm -rf $(VENV) site build *.egg-info aiosync/*.so .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) site build dist *.egg-info aiosync/*.so .mypy_cache .ruff_cache .pytest_cache .hypothesis

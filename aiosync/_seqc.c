@@ -13,9 +13,12 @@
  *     +8   uint64  holder    0, or the token (pid << 32 | start time) of the writer
  *     +16  payload copy 0    (records only) `size` bytes, padded to 8
  *     ...  payload copy 1    (latch records only)
+ *     ...  uint64  last      (records only) 0, or the token of the writer that began
+ *                            the latest write (it stays when the write ends)
  *
  * Writer (FreeBSD seqc(9)):
  *     claim holder 0 -> token (compare-and-swap: at most one writer at a time);
+ *     last = token (records; relaxed: the store-release of the even seq publishes it);
  *     seq += 1 (odd), store-release; release fence; payload stores;
  *     seq += 1 (even), store-release; holder = 0, store-release.
  * Reader:
@@ -28,6 +31,17 @@
  *
  * The payload is copied in 8-byte words with relaxed atomic loads and stores, so no
  * access is a data race in the C11 sense and no word is ever split.
+ *
+ * Interpreters. The module uses multi-phase initialisation (PEP 489); its types are heap
+ * types made from specs and kept in the module state, so each interpreter that imports
+ * it has its own, and nothing here is a mutable static: it supports subinterpreters with
+ * their own GIL. Free-threaded builds: an object's own fields (the buffer it holds, the
+ * pointers into it, the unpack callable) change only in setup() and _release(), and
+ * every method reads them inside the object's critical section (a no-op with a GIL), so
+ * a _release() in one thread never pulls the memory from under a snapshot() in another;
+ * inside a critical section nothing allocates with a chance of blocking or calls Python
+ * code. The shared memory itself needs no lock: it is the C11 atomics above. Hence
+ * Py_mod_gil = Py_MOD_GIL_NOT_USED.
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -36,6 +50,12 @@
 #include <stdatomic.h>
 #include <stdint.h>
 #include <string.h>
+
+#if PY_VERSION_HEX < 0x030D0000
+/* Critical sections came with free threading (3.13); before that the GIL is the lock. */
+#define Py_BEGIN_CRITICAL_SECTION(op) {
+#define Py_END_CRITICAL_SECTION() }
+#endif
 
 #if ATOMIC_LLONG_LOCK_FREE != 2
 #error "aiosync needs lock-free 64-bit atomics (they must work across processes)"
@@ -46,6 +66,7 @@ typedef _Atomic uint64_t atomic_u64;
 _Static_assert(sizeof(atomic_u64) == 8, "a 64-bit atomic must take 8 bytes");
 
 #define HEADER 16    /* seq + holder */
+#define LAST 8       /* records: the last writer's token, after the payload copies */
 #define READ_TRIES 8 /* snapshot attempts per call while the counter keeps changing */
 
 /* ---------------------------------------------------------------------------------
@@ -72,6 +93,13 @@ raise_aiosync(const char *name, const char *message)
         PyErr_SetString(cls, message);
         Py_DECREF(cls);
     }
+}
+
+static PyObject *
+closed_error(void)
+{
+    raise_aiosync("ClosedResourceError", "this object was closed");
+    return NULL;
 }
 
 /* ---------------------------------------------------------------------------------
@@ -122,36 +150,57 @@ copy_words(unsigned char *dst, const unsigned char *src, Py_ssize_t nwords)
 }
 
 /* ---------------------------------------------------------------------------------
+ * Module state: the types of this interpreter's copy of the module
+ * --------------------------------------------------------------------------------- */
+
+typedef struct {
+    PyTypeObject *counter_type;
+    PyTypeObject *record_type;
+    PyTypeObject *ready_type;
+} seqc_state;
+
+static inline seqc_state *
+get_state(PyObject *module)
+{
+    return (seqc_state *)PyModule_GetState(module);
+}
+
+/* Bytes a counter and its records take: the header, `copies` payload copies of `size`
+ * bytes padded to 8, and (records) the last writer's token; -1 if that overflows. */
+static Py_ssize_t
+span_of(Py_ssize_t size, int copies)
+{
+    Py_ssize_t stride = (size + 7) / 8 * 8;
+    if (stride > (PY_SSIZE_T_MAX - HEADER - LAST) / 2) {
+        return -1;
+    }
+    return HEADER + (Py_ssize_t)copies * stride + (copies ? LAST : 0);
+}
+
+/* ---------------------------------------------------------------------------------
  * The Counter type
  * --------------------------------------------------------------------------------- */
 
 typedef struct {
     PyObject_HEAD
     Py_buffer view;        /* held from construction until release() */
-    atomic_u64 *seq;       /* NULL once released */
+    atomic_u64 *seq;       /* NULL until set up, and once released */
     atomic_u64 *holder;
+    atomic_u64 *last;      /* records only, else NULL */
     unsigned char *payload; /* copy 0 */
     Py_ssize_t size;        /* payload bytes */
     Py_ssize_t stride;      /* bytes from one copy to the next (size rounded up to 8) */
     int copies;             /* 0: bare counter, 1: record, 2: latch record */
+    int set_up;             /* once set up, never again (the fields above stay put) */
     PyObject *unpack;       /* records: struct.Struct(fmt).unpack */
 } Counter;
 
-static int
-check_open(Counter *self)
-{
-    if (self->seq == NULL) {
-        raise_aiosync("ClosedResourceError", "this object was closed");
-        return -1;
-    }
-    return 0;
-}
-
+/* Call with the object's critical section held. */
 static int
 setup(Counter *self, PyObject *buffer, Py_ssize_t offset, Py_ssize_t size, int copies,
       PyObject *unpack)
 {
-    if (self->seq != NULL) {
+    if (self->set_up) {
         PyErr_SetString(PyExc_RuntimeError, "already initialized");
         return -1;
     }
@@ -163,12 +212,12 @@ setup(Counter *self, PyObject *buffer, Py_ssize_t offset, Py_ssize_t size, int c
         PyErr_SetString(PyExc_ValueError, "bad record geometry");
         return -1;
     }
-    Py_ssize_t stride = (size + 7) / 8 * 8;
-    if (stride > (PY_SSIZE_T_MAX - HEADER - offset) / 2) {
+    Py_ssize_t span = span_of(size, copies);
+    if (span < 0 || span > PY_SSIZE_T_MAX - offset) {
         PyErr_SetString(PyExc_OverflowError, "record too large");
         return -1;
     }
-    Py_ssize_t needed = offset + HEADER + (Py_ssize_t)copies * stride;
+    Py_ssize_t needed = offset + span;
 
     if (PyObject_GetBuffer(buffer, &self->view, PyBUF_WRITABLE) < 0) {
         return -1;
@@ -189,15 +238,29 @@ setup(Counter *self, PyObject *buffer, Py_ssize_t offset, Py_ssize_t size, int c
         PyBuffer_Release(&self->view);
         return -1;
     }
+    Py_ssize_t stride = (size + 7) / 8 * 8;
     self->seq = (atomic_u64 *)(void *)base;
     self->holder = (atomic_u64 *)(void *)(base + 8);
     self->payload = base + HEADER;
+    self->last = copies ? (atomic_u64 *)(void *)(base + HEADER + copies * stride) : NULL;
     self->size = size;
     self->stride = stride;
     self->copies = copies;
+    self->set_up = 1;
     Py_XINCREF(unpack);
-    Py_XSETREF(self->unpack, unpack);
+    self->unpack = unpack;
     return 0;
+}
+
+static int
+setup_locked(Counter *self, PyObject *buffer, Py_ssize_t offset, Py_ssize_t size, int copies,
+             PyObject *unpack)
+{
+    int result;
+    Py_BEGIN_CRITICAL_SECTION(self);
+    result = setup(self, buffer, offset, size, copies, unpack);
+    Py_END_CRITICAL_SECTION();
+    return result;
 }
 
 static int
@@ -211,7 +274,7 @@ Counter_init(Counter *self, PyObject *args, PyObject *kwds)
                                      &size, &copies)) {
         return -1;
     }
-    return setup(self, buffer, offset, size, copies, NULL);
+    return setup_locked(self, buffer, offset, size, copies, NULL);
 }
 
 static int
@@ -233,58 +296,119 @@ Record_init(Counter *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_TypeError, "unpack must be callable");
         return -1;
     }
-    return setup(self, buffer, offset, size, copies, unpack);
+    return setup_locked(self, buffer, offset, size, copies, unpack);
 }
 
-static void
-release(Counter *self)
+/* Detach the buffer and the unpack callable from the object (call with its critical
+ * section held); the caller releases them outside it. Returns 1 if this call released
+ * the counter, 0 if it was not set up or already released. */
+static int
+detach(Counter *self, Py_buffer *view, PyObject **unpack)
 {
+    int released = 0;
     if (self->seq != NULL) {
         self->seq = NULL;
         self->holder = NULL;
+        self->last = NULL;
         self->payload = NULL;
-        PyBuffer_Release(&self->view);
+        *view = self->view;
+        memset(&self->view, 0, sizeof(self->view));
+        released = 1;
     }
-    Py_CLEAR(self->unpack);
+    *unpack = self->unpack;
+    self->unpack = NULL;
+    return released;
 }
 
 static void
-Counter_dealloc(Counter *self)
+Counter_dealloc(PyObject *op)
 {
-    release(self);
-    Py_TYPE(self)->tp_free((PyObject *)self);
+    PyTypeObject *tp = Py_TYPE(op);
+    Py_buffer view;
+    PyObject *unpack;
+    /* The last reference: no other thread can hold the object. */
+    if (detach((Counter *)op, &view, &unpack)) {
+        PyBuffer_Release(&view);
+    }
+    Py_XDECREF(unpack);
+    tp->tp_free(op);
+    Py_DECREF(tp);
 }
 
 static PyObject *
-Counter_release(Counter *self, PyObject *Py_UNUSED(ignored))
+Counter_release(PyObject *op, PyObject *Py_UNUSED(ignored))
 {
-    release(self);
+    Py_buffer view;
+    PyObject *unpack;
+    int released;
+    Py_BEGIN_CRITICAL_SECTION(op);
+    released = detach((Counter *)op, &view, &unpack);
+    Py_END_CRITICAL_SECTION();
+    if (released) {
+        PyBuffer_Release(&view);
+    }
+    Py_XDECREF(unpack);
     Py_RETURN_NONE;
 }
 
 static PyObject *
-Counter_get_released(Counter *self, void *Py_UNUSED(closure))
+Counter_get_released(PyObject *op, void *Py_UNUSED(closure))
 {
-    return PyBool_FromLong(self->seq == NULL);
+    int released;
+    Py_BEGIN_CRITICAL_SECTION(op);
+    released = ((Counter *)op)->seq == NULL;
+    Py_END_CRITICAL_SECTION();
+    return PyBool_FromLong(released);
 }
 
 /* -- reading ------------------------------------------------------------------------ */
 
+/* Load one word of the header (or the last writer's token) with an acquire load, or
+ * raise ClosedResourceError. `which`: 0 seq, 1 holder, 2 last (0 when the counter has
+ * none). */
 static PyObject *
-Counter_load(Counter *self, PyObject *Py_UNUSED(ignored))
+load_word(PyObject *op, int which)
 {
-    if (check_open(self) < 0) {
-        return NULL;
+    Counter *self = (Counter *)op;
+    int open = 0;
+    uint64_t value = 0;
+    Py_BEGIN_CRITICAL_SECTION(op);
+    if (self->seq != NULL) {
+        open = 1;
+        atomic_u64 *word = which == 0 ? self->seq : which == 1 ? self->holder : self->last;
+        if (word != NULL) {
+            value = atomic_load_explicit(word, memory_order_acquire);
+        }
     }
-    return PyLong_FromUnsignedLongLong(atomic_load_explicit(self->seq, memory_order_acquire));
+    Py_END_CRITICAL_SECTION();
+    return open ? PyLong_FromUnsignedLongLong(value) : closed_error();
 }
 
 static PyObject *
-Counter_consistent(Counter *self, PyObject *arg)
+Counter_load(PyObject *op, PyObject *Py_UNUSED(ignored))
 {
-    if (check_open(self) < 0) {
-        return NULL;
-    }
+    return load_word(op, 0);
+}
+
+static PyObject *
+Counter_writer(PyObject *op, PyObject *Py_UNUSED(ignored))
+{
+    return load_word(op, 1);
+}
+
+static PyObject *
+Counter_last_writer(PyObject *op, PyObject *Py_UNUSED(ignored))
+{
+    /* Acquire: pairs with nothing in particular (the writer's store is relaxed and
+     * published by its store-release of the even counter); it keeps this load after
+     * whatever snapshot the caller took before. */
+    return load_word(op, 2);
+}
+
+static PyObject *
+Counter_consistent(PyObject *op, PyObject *arg)
+{
+    Counter *self = (Counter *)op;
     if (!PyLong_Check(arg) || PyBool_Check(arg)) {
         PyErr_Format(PyExc_TypeError, "seq must be an int returned by read(), not %.100s",
                      Py_TYPE(arg)->tp_name);
@@ -296,66 +420,91 @@ Counter_consistent(Counter *self, PyObject *arg)
         PyErr_SetString(PyExc_ValueError, "seq must be a value returned by read()");
         return NULL;
     }
-    /* Every load of the protected data before this point stays before the next load. */
-    atomic_thread_fence(memory_order_acquire);
-    uint64_t now = atomic_load_explicit(self->seq, memory_order_relaxed);
-    return PyBool_FromLong(now == (uint64_t)seq);
+    int open = 0;
+    uint64_t now = 0;
+    Py_BEGIN_CRITICAL_SECTION(op);
+    if (self->seq != NULL) {
+        open = 1;
+        /* Every load of the protected data before this point stays before the next load. */
+        atomic_thread_fence(memory_order_acquire);
+        now = atomic_load_explicit(self->seq, memory_order_relaxed);
+    }
+    Py_END_CRITICAL_SECTION();
+    return open ? PyBool_FromLong(now == (uint64_t)seq) : closed_error();
 }
 
-static PyObject *
-Counter_writer(Counter *self, PyObject *Py_UNUSED(ignored))
+/* One snapshot attempt loop into dst (self->size bytes); call with the critical section
+ * held. Returns 1 on success, 0 when the counter was odd (non-latch) or kept changing
+ * for READ_TRIES attempts. */
+static int
+copy_snapshot(Counter *self, char *dst)
 {
-    if (check_open(self) < 0) {
-        return NULL;
-    }
-    return PyLong_FromUnsignedLongLong(atomic_load_explicit(self->holder, memory_order_acquire));
-}
-
-/* One snapshot attempt loop. Returns a new reference to the snapshot (unpacked when
- * an unpack callable was given), or Py_None (new reference) when the counter was odd
- * (non-latch) or kept changing for READ_TRIES attempts. */
-static PyObject *
-snapshot(Counter *self)
-{
-    PyObject *bytes = PyBytes_FromStringAndSize(NULL, self->size);
-    if (bytes == NULL) {
-        return NULL;
-    }
-    char *dst = PyBytes_AS_STRING(bytes);
     for (int tries = 0; tries < READ_TRIES; tries++) {
         uint64_t s1 = atomic_load_explicit(self->seq, memory_order_acquire);
         const unsigned char *src = self->payload;
         if (s1 & 1) {
             if (self->copies < 2) {
-                break; /* a write is in progress */
+                return 0; /* a write is in progress */
             }
             src += self->stride; /* latch: copy 1 is stable while copy 0 is written */
         }
         copy_out(dst, src, self->size);
         atomic_thread_fence(memory_order_acquire);
         if (atomic_load_explicit(self->seq, memory_order_relaxed) == s1) {
-            PyObject *values = PyObject_CallOneArg(self->unpack, bytes);
-            Py_DECREF(bytes);
-            return values;
+            return 1;
         }
     }
-    Py_DECREF(bytes);
-    Py_RETURN_NONE;
+    return 0;
 }
 
+/* A new reference to the unpacked snapshot, Py_None (new reference) when a write is in
+ * progress or the record kept changing, or NULL with an exception (closed, no memory). */
 static PyObject *
-Counter_try_read(Counter *self, PyObject *Py_UNUSED(ignored))
+snapshot(PyObject *op)
 {
-    if (check_open(self) < 0) {
-        return NULL;
+    Counter *self = (Counter *)op;
+    PyObject *bytes = NULL, *unpack = NULL;
+    int status = -1; /* -1 closed, -2 out of memory, 0 busy, 1 copied */
+    Py_BEGIN_CRITICAL_SECTION(op);
+    if (self->seq != NULL && self->unpack != NULL) {
+        /* A bytes object comes from the allocator and never blocks: the critical
+         * section is not suspended here. */
+        bytes = PyBytes_FromStringAndSize(NULL, self->size);
+        if (bytes == NULL) {
+            status = -2;
+        }
+        else {
+            status = copy_snapshot(self, PyBytes_AS_STRING(bytes));
+            if (status == 1) {
+                unpack = Py_NewRef(self->unpack);
+            }
+        }
     }
-    return snapshot(self);
+    Py_END_CRITICAL_SECTION();
+    if (status == 1) {
+        /* Outside the critical section: unpack is Python code as far as we know. */
+        PyObject *values = PyObject_CallOneArg(unpack, bytes);
+        Py_DECREF(unpack);
+        Py_DECREF(bytes);
+        return values;
+    }
+    Py_XDECREF(bytes);
+    if (status == 0) {
+        Py_RETURN_NONE;
+    }
+    return status == -1 ? closed_error() : NULL;
 }
 
 static PyObject *
-Counter_read_nowait(Counter *self, PyObject *Py_UNUSED(ignored))
+Counter_try_read(PyObject *op, PyObject *Py_UNUSED(ignored))
 {
-    PyObject *result = Counter_try_read(self, NULL);
+    return snapshot(op);
+}
+
+static PyObject *
+Counter_read_nowait(PyObject *op, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *result = snapshot(op);
     if (result == Py_None) {
         Py_DECREF(result);
         raise_aiosync("WouldBlock", "a write is in progress");
@@ -379,12 +528,10 @@ typedef struct {
     PyObject *value; /* NULL once taken */
 } Ready;
 
-static PyTypeObject ReadyType;
-
 static PyObject *
-ready_new(PyObject *value)
+ready_new(PyTypeObject *type, PyObject *value)
 {
-    Ready *ready = PyObject_New(Ready, &ReadyType);
+    Ready *ready = PyObject_New(Ready, type);
     if (ready == NULL) {
         Py_DECREF(value);
         return NULL;
@@ -394,24 +541,28 @@ ready_new(PyObject *value)
 }
 
 static void
-Ready_dealloc(Ready *self)
+Ready_dealloc(PyObject *op)
 {
-    Py_XDECREF(self->value);
-    PyObject_Free(self);
+    PyTypeObject *tp = Py_TYPE(op);
+    Py_XDECREF(((Ready *)op)->value);
+    PyObject_Free(op);
+    Py_DECREF(tp);
 }
 
 static PyObject *
 Ready_await(PyObject *self)
 {
-    Py_INCREF(self);
-    return self;
+    return Py_NewRef(self);
 }
 
+/* The snapshot, once: two threads stepping the same object get it once between them. */
 static int
-ready_take(Ready *self, PyObject **value)
+ready_take(PyObject *op, PyObject **value)
 {
-    *value = self->value;
-    self->value = NULL;
+    Py_BEGIN_CRITICAL_SECTION(op);
+    *value = ((Ready *)op)->value;
+    ((Ready *)op)->value = NULL;
+    Py_END_CRITICAL_SECTION();
     if (*value == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "cannot reuse already awaited read()");
         return -1;
@@ -419,10 +570,21 @@ ready_take(Ready *self, PyObject **value)
     return 0;
 }
 
+static void
+ready_drop(PyObject *op)
+{
+    PyObject *value;
+    Py_BEGIN_CRITICAL_SECTION(op);
+    value = ((Ready *)op)->value;
+    ((Ready *)op)->value = NULL;
+    Py_END_CRITICAL_SECTION();
+    Py_XDECREF(value);
+}
+
 static PySendResult
 Ready_am_send(PyObject *self, PyObject *Py_UNUSED(arg), PyObject **result)
 {
-    if (ready_take((Ready *)self, result) < 0) {
+    if (ready_take(self, result) < 0) {
         return PYGEN_ERROR;
     }
     return PYGEN_RETURN;
@@ -432,7 +594,7 @@ static PyObject *
 Ready_next(PyObject *self)
 {
     PyObject *value;
-    if (ready_take((Ready *)self, &value) < 0) {
+    if (ready_take(self, &value) < 0) {
         return NULL;
     }
     PyObject *stop = PyObject_CallOneArg(PyExc_StopIteration, value);
@@ -451,13 +613,13 @@ Ready_send(PyObject *self, PyObject *Py_UNUSED(arg))
 }
 
 static PyObject *
-Ready_throw(Ready *self, PyObject *args)
+Ready_throw(PyObject *self, PyObject *args)
 {
     PyObject *type, *value = NULL, *tb = NULL;
     if (!PyArg_UnpackTuple(args, "throw", 1, 3, &type, &value, &tb)) {
         return NULL;
     }
-    Py_CLEAR(self->value);
+    ready_drop(self);
     if (PyExceptionInstance_Check(type)) {
         PyErr_SetObject((PyObject *)Py_TYPE(type), type);
     }
@@ -471,9 +633,9 @@ Ready_throw(Ready *self, PyObject *args)
 }
 
 static PyObject *
-Ready_close(Ready *self, PyObject *Py_UNUSED(ignored))
+Ready_close(PyObject *self, PyObject *Py_UNUSED(ignored))
 {
-    Py_CLEAR(self->value);
+    ready_drop(self);
     Py_RETURN_NONE;
 }
 
@@ -496,28 +658,35 @@ static PyGetSetDef Ready_getset[] = {
     {NULL, NULL, NULL, NULL, NULL},
 };
 
-static PyAsyncMethods Ready_async = {
-    .am_await = Ready_await,
-    .am_send = Ready_am_send,
+/* Slots hold functions as void *; ISO C converts a function pointer to an object pointer
+ * only through an integer, so that is the way they go in (-Wpedantic stays quiet). */
+#define FUNC(f) ((void *)(uintptr_t)(f))
+
+static PyType_Slot Ready_slots[] = {
+    {Py_tp_doc, (void *)PyDoc_STR("The coroutine of a read() that needed no wait.")},
+    {Py_tp_dealloc, FUNC(Ready_dealloc)},
+    {Py_am_await, FUNC(Ready_await)},
+    {Py_am_send, FUNC(Ready_am_send)},
+    {Py_tp_iter, FUNC(PyObject_SelfIter)},
+    {Py_tp_iternext, FUNC(Ready_next)},
+    {Py_tp_methods, Ready_methods},
+    {Py_tp_getset, Ready_getset},
+    {0, NULL},
 };
 
-static PyTypeObject ReadyType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "aiosync._seqc.Ready",
-    .tp_doc = PyDoc_STR("The coroutine of a read() that needed no wait."),
-    .tp_basicsize = sizeof(Ready),
-    .tp_itemsize = 0,
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_dealloc = (destructor)Ready_dealloc,
-    .tp_as_async = &Ready_async,
-    .tp_iter = PyObject_SelfIter,
-    .tp_iternext = Ready_next,
-    .tp_methods = Ready_methods,
-    .tp_getset = Ready_getset,
+static PyType_Spec Ready_spec = {
+    .name = "aiosync._seqc.Ready",
+    .basicsize = sizeof(Ready),
+    .itemsize = 0,
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .slots = Ready_slots,
 };
 
+/* METH_METHOD: `defining_class` is this interpreter's Record type, whose module state
+ * holds its Ready type (no lookup through the instance's MRO on the fast path). */
 static PyObject *
-Record_read(Counter *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames)
+Record_read(PyObject *self, PyTypeObject *defining_class, PyObject *const *args,
+            Py_ssize_t nargs, PyObject *kwnames)
 {
     PyObject *max_attempts = Py_None;
     Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
@@ -531,16 +700,17 @@ Record_read(Counter *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kw
         max_attempts = args[0];
     }
     if (max_attempts == Py_None) {
-        if (check_open(self) < 0) {
+        PyObject *values = snapshot(self);
+        if (values == NULL) {
             return NULL;
         }
-        PyObject *values = snapshot(self);
         if (values != Py_None) {
-            return values == NULL ? NULL : ready_new(values);
+            seqc_state *state = (seqc_state *)PyType_GetModuleState(defining_class);
+            return ready_new(state->ready_type, values);
         }
         Py_DECREF(values);
     }
-    return PyObject_CallMethod((PyObject *)self, "_read_slow", "O", max_attempts);
+    return PyObject_CallMethod(self, "_read_slow", "O", max_attempts);
 }
 
 /* -- writing ------------------------------------------------------------------------ */
@@ -557,8 +727,22 @@ parse_u64(PyObject *arg, const char *what, uint64_t *out)
     return 0;
 }
 
+static int
+parse_token(PyObject *arg, uint64_t *token)
+{
+    if (parse_u64(arg, "token", token) < 0) {
+        return -1;
+    }
+    if (*token == 0) {
+        PyErr_SetString(PyExc_ValueError, "token must not be 0");
+        return -1;
+    }
+    return 0;
+}
+
 /* Claim the counter for `token` if its holder is `expected`; 0 on success, else
- * the holder found (which may be 0 if `expected` was not). */
+ * the holder found (which may be 0 if `expected` was not). Call with the object's
+ * critical section held, the counter open. */
 static int
 begin(Counter *self, uint64_t token, uint64_t expected, uint64_t *found)
 {
@@ -567,6 +751,10 @@ begin(Counter *self, uint64_t token, uint64_t expected, uint64_t *found)
                                                  memory_order_acq_rel, memory_order_acquire)) {
         *found = holder;
         return -1;
+    }
+    if (self->last != NULL) {
+        /* Relaxed: the store-release of the next even counter (end()) publishes it. */
+        atomic_store_explicit(self->last, token, memory_order_relaxed);
     }
     uint64_t seq = atomic_load_explicit(self->seq, memory_order_relaxed);
     if (!(seq & 1)) {
@@ -585,6 +773,7 @@ begin(Counter *self, uint64_t token, uint64_t expected, uint64_t *found)
     return 0;
 }
 
+/* Call with the object's critical section held, the counter open. */
 static void
 end(Counter *self)
 {
@@ -603,39 +792,52 @@ end(Counter *self)
 }
 
 static PyObject *
-Counter_try_begin(Counter *self, PyObject *const *args, Py_ssize_t nargs)
+Counter_try_begin(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
 {
-    uint64_t token, expected, found;
+    Counter *self = (Counter *)op;
+    uint64_t token, expected, found = 0;
     if (nargs != 2) {
         PyErr_Format(PyExc_TypeError, "try_begin() takes 2 arguments (%zd given)", nargs);
         return NULL;
     }
-    if (check_open(self) < 0) {
+    if (parse_token(args[0], &token) < 0 || parse_u64(args[1], "expected", &expected) < 0) {
         return NULL;
     }
-    if (parse_u64(args[0], "token", &token) < 0 || parse_u64(args[1], "expected", &expected) < 0) {
-        return NULL;
+    int status = -1; /* -1 closed, 0 claimed, 1 held by `found` */
+    Py_BEGIN_CRITICAL_SECTION(op);
+    if (self->seq != NULL) {
+        status = begin(self, token, expected, &found) < 0;
     }
-    if (token == 0) {
-        PyErr_SetString(PyExc_ValueError, "token must not be 0");
-        return NULL;
+    Py_END_CRITICAL_SECTION();
+    if (status < 0) {
+        return closed_error();
     }
-    if (begin(self, token, expected, &found) < 0) {
+    if (status) {
         return PyLong_FromUnsignedLongLong(found);
     }
     Py_RETURN_NONE;
 }
 
 static PyObject *
-Counter_end(Counter *self, PyObject *Py_UNUSED(ignored))
+Counter_end(PyObject *op, PyObject *Py_UNUSED(ignored))
 {
-    if (check_open(self) < 0) {
-        return NULL;
+    Counter *self = (Counter *)op;
+    int open = 0;
+    Py_BEGIN_CRITICAL_SECTION(op);
+    if (self->seq != NULL) {
+        open = 1;
+        end(self);
     }
-    end(self);
+    Py_END_CRITICAL_SECTION();
+    if (!open) {
+        return closed_error();
+    }
     Py_RETURN_NONE;
 }
 
+/* The payload to store, as a buffer of exactly the record's size. `size` is read
+ * without the critical section: it is set before the object is shared and never
+ * changes (set_up), and a wrong guess only fails the call. */
 static int
 payload_arg(Counter *self, PyObject *data, Py_buffer *view)
 {
@@ -652,46 +854,57 @@ payload_arg(Counter *self, PyObject *data, Py_buffer *view)
 }
 
 static PyObject *
-Counter_store(Counter *self, PyObject *data)
+Counter_store(PyObject *op, PyObject *data)
 {
+    Counter *self = (Counter *)op;
     Py_buffer view;
-    if (check_open(self) < 0 || payload_arg(self, data, &view) < 0) {
+    if (payload_arg(self, data, &view) < 0) {
         return NULL;
     }
-    copy_in(self->payload, view.buf, self->size);
+    int open = 0;
+    Py_BEGIN_CRITICAL_SECTION(op);
+    if (self->seq != NULL && self->size == view.len) {
+        open = 1;
+        copy_in(self->payload, view.buf, self->size);
+    }
+    Py_END_CRITICAL_SECTION();
     PyBuffer_Release(&view);
+    if (!open) {
+        return closed_error();
+    }
     Py_RETURN_NONE;
 }
 
 static PyObject *
-Counter_write(Counter *self, PyObject *const *args, Py_ssize_t nargs)
+Counter_write(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
 {
+    Counter *self = (Counter *)op;
     Py_buffer view;
-    uint64_t token, found;
+    uint64_t token, found = 0;
     if (nargs != 2) {
         PyErr_Format(PyExc_TypeError, "write() takes 2 arguments (%zd given)", nargs);
         return NULL;
     }
-    if (check_open(self) < 0) {
+    if (parse_token(args[1], &token) < 0 || payload_arg(self, args[0], &view) < 0) {
         return NULL;
     }
-    if (parse_u64(args[1], "token", &token) < 0) {
-        return NULL;
+    int status = -1; /* -1 closed, 0 written, 1 held by `found` */
+    Py_BEGIN_CRITICAL_SECTION(op);
+    if (self->seq != NULL && self->size == view.len) {
+        status = begin(self, token, 0, &found) < 0;
+        if (status == 0) {
+            copy_in(self->payload, view.buf, self->size);
+            end(self);
+        }
     }
-    if (token == 0) {
-        PyErr_SetString(PyExc_ValueError, "token must not be 0");
-        return NULL;
+    Py_END_CRITICAL_SECTION();
+    PyBuffer_Release(&view);
+    if (status < 0) {
+        return closed_error();
     }
-    if (payload_arg(self, args[0], &view) < 0) {
-        return NULL;
-    }
-    if (begin(self, token, 0, &found) < 0) {
-        PyBuffer_Release(&view);
+    if (status) {
         return PyLong_FromUnsignedLongLong(found);
     }
-    copy_in(self->payload, view.buf, self->size);
-    end(self);
-    PyBuffer_Release(&view);
     Py_RETURN_NONE;
 }
 
@@ -734,7 +947,7 @@ static PyMethodDef Counter_methods[] = {
 };
 
 static PyMethodDef Record_methods[] = {
-    {"read", (PyCFunction)(void (*)(void))Record_read, METH_FASTCALL | METH_KEYWORDS,
+    {"read", (PyCFunction)(void (*)(void))Record_read, METH_METHOD | METH_FASTCALL | METH_KEYWORDS,
      "read($self, /, *, max_attempts=None)\n--\n\n"
      "Await it: a consistent snapshot of the record (a tuple).\n\n"
      "Finishes at once, without a loop round trip, when no write is in progress (in\n"
@@ -770,6 +983,9 @@ static PyMethodDef Record_methods[] = {
      "changing)."},
     {"_load", (PyCFunction)Counter_load, METH_NOARGS,
      "_load() -> int\n--\n\nThe counter, with an acquire load."},
+    {"_last_writer", (PyCFunction)Counter_last_writer, METH_NOARGS,
+     "_last_writer() -> int\n--\n\n"
+     "The token of the writer that began the latest write (0: never written)."},
     {"_store", (PyCFunction)Counter_store, METH_O,
      "_store(data) -> None\n--\n\nCopy data into the payload, inside a write."},
     {"_write", (PyCFunction)(void (*)(void))Counter_write, METH_FASTCALL,
@@ -785,81 +1001,170 @@ static PyGetSetDef Counter_getset[] = {
     {NULL, NULL, NULL, NULL, NULL},
 };
 
-static PyTypeObject CounterType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "aiosync._seqc.Counter",
-    .tp_doc = PyDoc_STR(
-        "Counter(buffer, offset, size=0, copies=0)\n--\n\n"
-        "A sequence counter at `offset` of a writable buffer, which stays exported until\n"
-        "_release(). `size` and `copies` describe the payload that follows it, if any\n"
-        "(the writer's side of a latch needs them)."),
-    .tp_basicsize = sizeof(Counter),
-    .tp_itemsize = 0,
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
-    .tp_new = PyType_GenericNew,
-    .tp_init = (initproc)Counter_init,
-    .tp_dealloc = (destructor)Counter_dealloc,
-    .tp_methods = Counter_methods,
-    .tp_getset = Counter_getset,
+static PyType_Slot Counter_slots[] = {
+    {Py_tp_doc,
+     (void *)PyDoc_STR(
+         "Counter(buffer, offset, size=0, copies=0)\n--\n\n"
+         "A sequence counter at `offset` of a writable buffer, which stays exported until\n"
+         "_release(). `size` and `copies` describe the payload that follows it, if any\n"
+         "(the writer's side of a latch needs them).")},
+    {Py_tp_new, FUNC(PyType_GenericNew)},
+    {Py_tp_init, FUNC(Counter_init)},
+    {Py_tp_dealloc, FUNC(Counter_dealloc)},
+    {Py_tp_methods, Counter_methods},
+    {Py_tp_getset, Counter_getset},
+    {0, NULL},
 };
 
-static PyTypeObject RecordType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "aiosync._seqc.Record",
-    .tp_doc = PyDoc_STR(
-        "Record(buffer, offset, size, copies, unpack)\n--\n\n"
-        "A sequence counter followed by `copies` (1, or 2 for a latch) copies of a\n"
-        "`size`-byte payload; snapshots are passed to `unpack`."),
-    .tp_basicsize = sizeof(Counter),
-    .tp_itemsize = 0,
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
-    .tp_new = PyType_GenericNew,
-    .tp_init = (initproc)Record_init,
-    .tp_dealloc = (destructor)Counter_dealloc,
-    .tp_methods = Record_methods,
-    .tp_getset = Counter_getset,
+static PyType_Slot Record_slots[] = {
+    {Py_tp_doc,
+     (void *)PyDoc_STR(
+         "Record(buffer, offset, size, copies, unpack)\n--\n\n"
+         "A sequence counter followed by `copies` (1, or 2 for a latch) copies of a\n"
+         "`size`-byte payload and the last writer's token; snapshots are passed to "
+         "`unpack`.")},
+    {Py_tp_new, FUNC(PyType_GenericNew)},
+    {Py_tp_init, FUNC(Record_init)},
+    {Py_tp_dealloc, FUNC(Counter_dealloc)},
+    {Py_tp_methods, Record_methods},
+    {Py_tp_getset, Counter_getset},
+    {0, NULL},
 };
 
-static struct PyModuleDef seqc_module = {
-    PyModuleDef_HEAD_INIT,
-    .m_name = "aiosync._seqc",
-    .m_doc = "Sequence counters in shared memory, with C11 memory ordering.",
-    .m_size = -1,
+static PyType_Spec Counter_spec = {
+    .name = "aiosync._seqc.Counter",
+    .basicsize = sizeof(Counter),
+    .itemsize = 0,
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = Counter_slots,
 };
 
-PyMODINIT_FUNC
-PyInit__seqc(void)
+static PyType_Spec Record_spec = {
+    .name = "aiosync._seqc.Record",
+    .basicsize = sizeof(Counter),
+    .itemsize = 0,
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = Record_slots,
+};
+
+/* ---------------------------------------------------------------------------------
+ * The module
+ * --------------------------------------------------------------------------------- */
+
+static PyObject *
+seqc_span(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError, "span() takes 2 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    Py_ssize_t size = PyLong_AsSsize_t(args[0]);
+    if (size == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    long copies = PyLong_AsLong(args[1]);
+    if (copies == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (copies < 0 || copies > 2 || size < 0 || (copies == 0) != (size == 0)) {
+        PyErr_SetString(PyExc_ValueError, "bad record geometry");
+        return NULL;
+    }
+    Py_ssize_t span = span_of(size, (int)copies);
+    if (span < 0) {
+        PyErr_SetString(PyExc_OverflowError, "record too large");
+        return NULL;
+    }
+    return PyLong_FromSsize_t(span);
+}
+
+static PyMethodDef seqc_functions[] = {
+    {"span", (PyCFunction)(void (*)(void))seqc_span, METH_FASTCALL,
+     "span(size, copies) -> int\n--\n\n"
+     "Bytes from a counter's offset to the end of what it uses: the header, `copies`\n"
+     "copies of a `size`-byte payload padded to 8, and (records) the last writer's token."},
+    {NULL, NULL, 0, NULL},
+};
+
+static int
+seqc_exec(PyObject *module)
 {
     atomic_u64 probe = 0;
     if (!atomic_is_lock_free(&probe)) {
         PyErr_SetString(PyExc_ImportError,
                         "aiosync needs lock-free 64-bit atomics (they must work across "
                         "processes)");
-        return NULL;
+        return -1;
     }
-    if (PyType_Ready(&CounterType) < 0 || PyType_Ready(&RecordType) < 0
-        || PyType_Ready(&ReadyType) < 0) {
-        return NULL;
+    seqc_state *state = get_state(module);
+    state->counter_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &Counter_spec, NULL);
+    if (state->counter_type == NULL || PyModule_AddType(module, state->counter_type) < 0) {
+        return -1;
     }
-    PyObject *module = PyModule_Create(&seqc_module);
-    if (module == NULL) {
-        return NULL;
+    state->record_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &Record_spec, NULL);
+    if (state->record_type == NULL || PyModule_AddType(module, state->record_type) < 0) {
+        return -1;
     }
-    Py_INCREF(&CounterType);
-    if (PyModule_AddObject(module, "Counter", (PyObject *)&CounterType) < 0) {
-        Py_DECREF(&CounterType);
-        Py_DECREF(module);
-        return NULL;
+    state->ready_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &Ready_spec, NULL);
+    if (state->ready_type == NULL) {
+        return -1;
     }
-    Py_INCREF(&RecordType);
-    if (PyModule_AddObject(module, "Record", (PyObject *)&RecordType) < 0) {
-        Py_DECREF(&RecordType);
-        Py_DECREF(module);
-        return NULL;
-    }
-    if (PyModule_AddIntConstant(module, "HEADER", HEADER) < 0) {
-        Py_DECREF(module);
-        return NULL;
-    }
-    return module;
+    return PyModule_AddIntConstant(module, "HEADER", HEADER);
+}
+
+static int
+seqc_traverse(PyObject *module, visitproc visit, void *arg)
+{
+    seqc_state *state = get_state(module);
+    Py_VISIT(state->counter_type);
+    Py_VISIT(state->record_type);
+    Py_VISIT(state->ready_type);
+    return 0;
+}
+
+static int
+seqc_clear(PyObject *module)
+{
+    seqc_state *state = get_state(module);
+    Py_CLEAR(state->counter_type);
+    Py_CLEAR(state->record_type);
+    Py_CLEAR(state->ready_type);
+    return 0;
+}
+
+static void
+seqc_free(void *module)
+{
+    (void)seqc_clear((PyObject *)module);
+}
+
+static PyModuleDef_Slot seqc_slots[] = {
+    {Py_mod_exec, FUNC(seqc_exec)},
+#if PY_VERSION_HEX >= 0x030C0000
+    /* No mutable statics, types per interpreter: safe under a per-interpreter GIL. */
+    {Py_mod_multiple_interpreters, Py_MOD_PER_INTERPRETER_GIL_SUPPORTED},
+#endif
+#if PY_VERSION_HEX >= 0x030D0000
+    /* Every method is safe without the GIL (see the top of this file). */
+    {Py_mod_gil, Py_MOD_GIL_NOT_USED},
+#endif
+    {0, NULL},
+};
+
+static struct PyModuleDef seqc_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "aiosync._seqc",
+    .m_doc = "Sequence counters in shared memory, with C11 memory ordering.",
+    .m_size = sizeof(seqc_state),
+    .m_methods = seqc_functions,
+    .m_slots = seqc_slots,
+    .m_traverse = seqc_traverse,
+    .m_clear = seqc_clear,
+    .m_free = seqc_free,
+};
+
+PyMODINIT_FUNC
+PyInit__seqc(void)
+{
+    return PyModuleDef_Init(&seqc_module);
 }

@@ -40,8 +40,18 @@ caveat) and sits beside a second 64-bit word, the *holder*:
   they read copy 1, the previous value, so a reader never waits for a writer, not even
   one that holds a write open or died inside it.
 
+* **Who wrote last** (records only): a third word after the payload keeps the token of
+  the writer that began the latest write; ``write_end`` leaves it. A reader that sees
+  no write in progress learns from it whether the process that published the values
+  still lives (`SeqRecord.last_writer`, `SeqRecord.writer_alive`), with the same
+  ``/proc`` test as above.
+* **Threads** (free-threaded builds included): the C methods read an object's fields
+  inside its critical section; here, the state of a bracketed write and of closing
+  changes under the object's lock, so two threads never both end one write or both
+  close one memfd.
+
 Layout of a SeqRecord's memfd: the 16-byte header above, then the payload (padded to 8
-bytes), then in latch mode its second copy.
+bytes), then in latch mode its second copy, then the last writer's token (8 bytes).
 """
 
 from __future__ import annotations
@@ -78,10 +88,19 @@ _pid = os.getpid()
 _token = 0  # this process's writer token, computed on first use
 
 
+# Guards the few check-then-act steps on an object's Python state (ending a bracketed
+# write, closing, making a record's SeqCount) against other threads, with or without a
+# GIL. Held for a few attribute accesses only, never across a call that can block; a
+# child starts with a fresh one (a fork can happen while another thread holds it).
+# Reentrant: a finalizer (close() of an unreachable object) may run while it is held.
+_state_lock = threading.RLock()
+
+
 def _forget_token() -> None:
-    global _pid, _token
+    global _pid, _token, _state_lock
     _pid = os.getpid()
     _token = 0
+    _state_lock = threading.RLock()
 
 
 os.register_at_fork(after_in_child=_forget_token)
@@ -107,7 +126,11 @@ def _my_token() -> int:
 
 
 def _writer_gone(token: int) -> bool:
-    """Has the process that wrote `token` exited (zombies included) or been replaced?"""
+    """Has the process that wrote `token` exited (zombies included) or been replaced?
+
+    The one test of a writer's life: the reader of a stuck write and
+    `SeqRecord.writer_alive` both use it.
+    """
     pid = token >> 32
     if pid == _pid:
         return False
@@ -301,10 +324,6 @@ class _Memfd:
         self.map.close()
         _fd.close(self.fd)
         self.fd = -1
-
-
-def _stride(size: int) -> int:
-    return (size + 7) // 8 * 8
 
 
 # ---------------------------------------------------------------------------------------
@@ -501,12 +520,14 @@ class SeqCount(_seqc.Counter, Resource):
             RuntimeError: this object is not inside a write.
             ClosedResourceError: the SeqCount was closed (with no write of its own open).
         """
-        writing = self._writing
+        with _state_lock:  # one write_end() per write, whatever other threads do
+            writing = self._writing
+            if writing is not None and writing[0] == _pid:
+                self._writing = None
         if writing is None or writing[0] != _pid:
             if self._closed:
                 raise ClosedResourceError("this SeqCount was closed")
             raise RuntimeError("write_end() without write_begin() on this SeqCount")
-        self._writing = None
         self._end()
 
     def write(self) -> _WriteSection:
@@ -551,7 +572,7 @@ class SeqCount(_seqc.Counter, Resource):
         if offset % 8 or copies > 2 or (copies == 0) != (size == 0):
             raise _share.invalid(name, f"bad layout (offset {offset}, size {size}, {copies})")
         fd = _fd.check(fds["memfd"], "memfd", name=name)
-        needed = offset + HEADER + copies * _stride(size)
+        needed = offset + _seqc.span(size, copies)
         have = _fd.file_size(fd)
         if have < needed:
             raise _share.invalid(name, f"memfd {fd} holds {have} bytes, {needed} are needed")
@@ -575,11 +596,12 @@ class SeqCount(_seqc.Counter, Resource):
         Idempotent. A write this object began in this process is ended first. Later
         calls raise `ClosedResourceError`, and so does a ``read()`` waiting meanwhile.
         """
-        if self._closed:
-            return
-        self._closed = True
-        writing = self._writing
-        self._writing = None
+        with _state_lock:  # one close() does the work, whatever other threads do
+            if self._closed:
+                return
+            self._closed = True
+            writing = self._writing
+            self._writing = None
         if writing is not None and writing[0] == _pid:
             self._end()
         self._release()
@@ -687,12 +709,13 @@ class SeqRecord(_seqc.Record, Resource):
         readers see only the last value, once the block ends. Inside the block,
         `write` only stores the values. It closes with the record.
         """
-        if self._closed:
-            raise ClosedResourceError("this SeqRecord was closed")
-        view = self._view
-        if view is None or view._closed:
-            geometry = (self._size, 2 if self._latch else 1)
-            view = self._view = SeqCount._over(self._memory, 0, geometry, owns=False)
+        with _state_lock:  # one SeqCount per record, whatever other threads do
+            if self._closed:
+                raise ClosedResourceError("this SeqRecord was closed")
+            view = self._view
+            if view is None or view._closed:
+                geometry = (self._size, 2 if self._latch else 1)
+                view = self._view = SeqCount._over(self._memory, 0, geometry, owns=False)
         return view
 
     # -- writing ----------------------------------------------------------------------
@@ -744,6 +767,40 @@ class SeqRecord(_seqc.Record, Resource):
     # read_nowait() and read() are C methods of _seqc.Record: read() finishes in C when
     # no wait is needed (see _seqc.c, "Ready") and returns _read_slow()'s coroutine
     # otherwise.
+
+    @property
+    def last_writer(self) -> int | None:
+        """The pid of the process that wrote last, or None if nothing was written yet.
+
+        Use it, with `writer_alive`, when a reader must notice that its publisher died
+        *between* writes: ``read()`` only notices a writer that died inside a write
+        (the counter stays odd), while a publisher killed after its last write leaves
+        a record that reads perfectly well, only never changes again. While a write is
+        in progress it is the writer's pid; it stays when the write ends, and a
+        writer that takes over from a dead one replaces it.
+
+        The pid may be reused once that process is gone: ask `writer_alive`, which
+        tells the two apart. Raises `ClosedResourceError` after `close`.
+        """
+        token = self._last_writer()
+        return token >> 32 if token else None
+
+    def writer_alive(self) -> bool | None:
+        """Whether the process that wrote last (`last_writer`) is still running.
+
+        Returns True while it runs (this process included), False once it has exited
+        or been killed (a zombie nobody reaped yet counts as dead, and so does a
+        recycled pid: the writer is identified by its pid and its start time, as in
+        the writer-death check of ``read()``), and None if nothing was written yet.
+        The answer is as of the call: a reader that polls it, or pairs the writer
+        with a `Barrier` to be told at once, decides what a dead publisher means
+        (the last values stay readable). Never blocks (it reads ``/proc``). Raises
+        `ClosedResourceError` after `close`.
+        """
+        token = self._last_writer()
+        if not token:
+            return None
+        return not _writer_gone(token)
 
     async def _read_slow(self, max_attempts: int | None) -> tuple[Any, ...]:
         if max_attempts is not None:
@@ -803,13 +860,15 @@ class SeqRecord(_seqc.Record, Resource):
         Other processes keep their own mappings. Later calls raise
         `ClosedResourceError`, and so does a ``read()`` waiting meanwhile.
         """
-        if self._closed:
-            return
-        self._closed = True
-        self._pack = _closed_pack
-        if self._view is not None:
-            self._view.close()
+        with _state_lock:  # one close() does the work, whatever other threads do
+            if self._closed:
+                return
+            self._closed = True
+            self._pack = _closed_pack
+            view = self._view
             self._view = None
+        if view is not None:
+            view.close()
         self._release()
         self._memory.close()
 
@@ -835,4 +894,4 @@ def _compile(format: object) -> struct.Struct:
 
 
 def _record_bytes(size: int, latch: bool) -> int:
-    return HEADER + (2 if latch else 1) * _stride(size)
+    return _seqc.span(size, 2 if latch else 1)

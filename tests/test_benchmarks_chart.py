@@ -9,6 +9,7 @@ everything else still happens.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import struct
 import sys
@@ -19,6 +20,13 @@ import pytest
 from benchmarks import _results, chart, report
 from benchmarks.__main__ import publish
 from benchmarks._results import Check, Figure
+
+# matplotlib is in the `bench` extra only (the chart is all it is for): without it the
+# tests that draw are skipped, and the rest of the publishing step is still tested.
+needs_matplotlib = pytest.mark.skipif(
+    importlib.util.find_spec("matplotlib") is None,
+    reason="matplotlib is not installed (only the chart needs it: pip install -e '.[bench]')",
+)
 
 PAGE = f"# Performance\n\n{report.BEGIN}\n{report.END}\n\nthe end\n"
 # Pixels of a chart of three rows (Completion, Semaphore, Timer) of two panels each.
@@ -65,6 +73,7 @@ def record_a_run() -> list[Figure]:
     return found
 
 
+@needs_matplotlib
 def test_a_run_is_published(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     results, page, png = tmp_path / "results.json", tmp_path / "perf.md", tmp_path / "c.png"
     page.write_text(PAGE)
@@ -105,6 +114,7 @@ def test_a_run_is_published(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert capsys.readouterr().out.splitlines()[-1] == f"chart: {png}"
 
 
+@needs_matplotlib
 def test_a_partial_run_redraws_from_the_merged_results(tmp_path: Path) -> None:
     results, page, png = tmp_path / "results.json", tmp_path / "perf.md", tmp_path / "c.png"
     page.write_text(PAGE)

@@ -7,6 +7,7 @@ tables are regenerated between their markers, and that the chart is a PNG.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -14,6 +15,13 @@ import pytest
 
 from benchmarks import _results, chart, report
 from benchmarks._results import Check, Figure
+
+# matplotlib is in the `bench` extra only (the chart is all it is for): without it the
+# tests that draw are skipped, and the rest of the publishing step is still tested.
+needs_matplotlib = pytest.mark.skipif(
+    importlib.util.find_spec("matplotlib") is None,
+    reason="matplotlib is not installed (only the chart needs it: pip install -e '.[bench]')",
+)
 
 
 def barrier(config: str, aiosync: float) -> Figure:
@@ -89,6 +97,7 @@ def test_a_page_without_markers_is_refused(tmp_path: Path) -> None:
         report.update(page, {"runs": {}, "figures": []})
 
 
+@needs_matplotlib
 def test_the_chart_is_a_png(tmp_path: Path) -> None:
     data = _results.merge(
         {"runs": {}, "figures": []},

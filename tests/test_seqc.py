@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import importlib.util
 import mmap
 import os
 import struct
@@ -87,6 +88,50 @@ def test_extension_is_built() -> None:
 
     assert _seqc.HEADER == SeqCount.size == 16
     assert Path(_seqc.__file__).suffix == ".so"
+
+
+def test_each_module_object_has_its_own_types() -> None:
+    # Multi-phase initialisation, heap types, module state: loading the extension again
+    # makes a second, independent module (as each subinterpreter gets), not a copy of
+    # the first one's statics.
+    from aiosync import _seqc
+
+    spec = importlib.util.spec_from_file_location("aiosync._seqc", _seqc.__file__)
+    assert spec is not None
+    assert spec.loader is not None
+    other: Any = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(other)
+    assert other is not _seqc
+    assert other.Counter is not _seqc.Counter
+    assert other.Record is not _seqc.Record
+    memory = mmap.mmap(-1, mmap.PAGESIZE)
+    layout = struct.Struct("qqd")
+    record = other.Record(memory, 0, layout.size, 1, layout.unpack)
+    assert record._write(layout.pack(1, 2, 3.0), 1 << 32) is None
+    assert record.read_nowait() == (1, 2, 3.0)
+    with pytest.raises(StopIteration) as done:
+        record.read().send(None)  # the Ready type of the other module's state
+    assert done.value.value == (1, 2, 3.0)
+    record._release()
+    memory.close()
+
+
+@pytest.mark.skipif(
+    not sysconfig.get_config_var("Py_GIL_DISABLED"), reason="not a free-threaded build"
+)
+def test_importing_aiosync_keeps_the_gil_disabled() -> None:
+    # The extension declares Py_mod_gil = Py_MOD_GIL_NOT_USED: importing it must not
+    # turn the GIL back on (which CPython would announce with a RuntimeWarning).
+    env = {k: v for k, v in os.environ.items() if k != "PYTHON_GIL"}
+    code = "import sys, aiosync; assert not sys._is_gil_enabled(), 'the GIL is enabled'"
+    result = subprocess.run(
+        [sys.executable, "-W", "error", "-c", code],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
 
 
 # ---------------------------------------------------------------------------------------
@@ -897,3 +942,186 @@ def test_fork_child_does_not_end_the_parents_write(shm: mmap.mmap) -> None:
 
 def s_read(buf: mmap.mmap) -> int:
     return int(struct.unpack_from("Q", buf, 0)[0])
+
+
+# ---------------------------------------------------------------------------------------
+# Who wrote last (the process-level checks are in test_seqc_processes.py)
+# ---------------------------------------------------------------------------------------
+
+
+def set_last_writer(record: SeqRecord, token: int) -> None:
+    """Forge the token of the record's last writer (the word after the payload copies)."""
+    from aiosync import _seqc
+
+    size = struct.calcsize(record.format)
+    offset = _seqc.span(size, 2 if record.latch else 1) - 8
+    set_word(record._memory.map, offset, token)
+
+
+@pytest.mark.parametrize("latch", [False, True])
+def test_last_writer_is_who_began_the_latest_write(latch: bool) -> None:
+    with SeqRecord("qqd", latch=latch) as record:
+        before = (record.last_writer, record.writer_alive())
+        assert before == (None, None)  # nothing written yet
+        record.write(1, 2, 3.0)
+        assert record.last_writer == os.getpid()
+        assert record.writer_alive() is True
+        assert record.read_nowait() == (1, 2, 3.0)  # the word does not touch the payload
+
+
+def test_last_writer_is_set_by_a_bracketed_write(record: SeqRecord) -> None:
+    with record.seqcount.write():
+        assert record.last_writer == os.getpid()  # during the write: the writer
+        record.write(4, 5, 6.0)
+    assert record.last_writer == os.getpid()  # it stays when the write ends
+    assert record.read_nowait() == (4, 5, 6.0)
+
+
+def test_writer_alive_tells_a_recycled_pid_apart(record: SeqRecord, other: int) -> None:
+    # The same pid + start time identity, and the same /proc test, as the check of a
+    # writer that died inside a write.
+    set_last_writer(record, other << 32 | (start_time(other) & 0xFFFF_FFFF))
+    assert record.last_writer == other
+    assert record.writer_alive() is True
+    set_last_writer(record, other << 32 | ((start_time(other) + 1) & 0xFFFF_FFFF))
+    assert record.last_writer == other
+    assert record.writer_alive() is False  # that pid belongs to another process now
+
+
+def test_a_new_writer_replaces_a_dead_last_writer(record: SeqRecord, other: int) -> None:
+    set_last_writer(record, other << 32 | ((start_time(other) + 1) & 0xFFFF_FFFF))
+    assert record.writer_alive() is False
+    record.write(1, 2, 3.0)
+    assert record.last_writer == os.getpid()
+    assert record.writer_alive() is True
+
+
+def test_last_writer_after_close(record: SeqRecord) -> None:
+    record.close()
+    with pytest.raises(ClosedResourceError):
+        _ = record.last_writer
+    with pytest.raises(ClosedResourceError):
+        record.writer_alive()
+
+
+# ---------------------------------------------------------------------------------------
+# Threads against one object (without a GIL on free-threaded builds)
+# ---------------------------------------------------------------------------------------
+
+
+def close_while_threads_read_and_write(latch: bool) -> None:
+    record = SeqRecord("qqd", latch=latch)
+    start = threading.Barrier(5)
+    errors: list[BaseException] = []
+
+    def reader() -> None:
+        start.wait()
+        try:
+            while True:
+                values = record.read_nowait()
+                assert values[0] == values[1]
+                assert record.last_writer == os.getpid()
+        except (ClosedResourceError, WouldBlock):
+            pass
+        except BaseException as exc:  # pragma: no cover - the failure shows
+            errors.append(exc)
+
+    def writer() -> None:
+        start.wait()
+        try:
+            n = 0
+            while True:
+                n += 1
+                record.write(n, n, 0.0)
+        except (ClosedResourceError, BusyResourceError):
+            pass
+        except BaseException as exc:  # pragma: no cover - the failure shows
+            errors.append(exc)
+
+    record.write(0, 0, 0.0)
+    threads = [threading.Thread(target=reader) for _ in range(3)]
+    threads.append(threading.Thread(target=writer))
+    for thread in threads:
+        thread.start()
+    start.wait()
+    record.close()
+    for thread in threads:
+        thread.join(timeout=10)
+        assert not thread.is_alive()
+    assert errors == []
+
+
+@pytest.mark.parametrize("latch", [False, True])
+def test_close_while_threads_read_and_write(latch: bool) -> None:
+    # Every call either does its work on the open record or raises ClosedResourceError:
+    # the memory never goes away under a snapshot or a store (the C methods read the
+    # object's fields inside its critical section).
+    for _ in range(20):
+        close_while_threads_read_and_write(latch)
+
+
+def close_in_three_threads(latch: bool, closed: list[int]) -> None:
+    record = SeqRecord("qqd", latch=latch)
+    fd = record._memory.fd
+    view = record.seqcount
+    view.write_begin()
+    start = threading.Barrier(4)
+    errors: list[BaseException] = []
+
+    def close(obj: SeqRecord | SeqCount) -> None:
+        start.wait()
+        try:
+            obj.close()
+        except BaseException as exc:  # pragma: no cover - the failure shows
+            errors.append(exc)
+
+    threads = [threading.Thread(target=close, args=(obj,)) for obj in (record, record, view)]
+    for thread in threads:
+        thread.start()
+    start.wait()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert errors == []
+    assert record._memory.fd == -1
+    assert closed.count(fd) == 1  # closed once: never a number reused meanwhile
+    assert view._released  # the view is closed with the record
+
+
+@pytest.mark.parametrize("latch", [False, True])
+def test_threads_closing_at_once_close_once(
+    latch: bool, fd_count: Callable[[], int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One close() does the work: the memfd is closed once, never a number that another
+    # thread may have been given meanwhile.
+    from aiosync import _fd
+
+    closed: list[int] = []
+    close = _fd.close
+
+    def counted(fd: int) -> None:
+        closed.append(fd)
+        close(fd)
+
+    monkeypatch.setattr(_fd, "close", counted)
+    before = fd_count()
+    for _ in range(200):
+        close_in_three_threads(latch, closed)
+        closed.clear()
+    assert fd_count() == before
+
+
+def test_one_seqcount_per_record_across_threads(record: SeqRecord) -> None:
+    start = threading.Barrier(4)
+    seen: list[SeqCount] = []
+
+    def get() -> None:
+        start.wait()
+        seen.append(record.seqcount)
+
+    threads = [threading.Thread(target=get) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert len(seen) == 4
+    assert all(view is seen[0] for view in seen)

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import PYTHON, ForkedChild, assert_blocks, run_on, soon
+from conftest import PYTHON, ForkedChild, assert_blocks, loop_kind, run_on, soon
 
 import aiosync
 from aiosync import (
@@ -269,6 +269,72 @@ async def test_record_writer_death(pipe: Pipe) -> None:
         assert await record.read() == (4, 5, 6.0)
 
 
+def write_then(record: SeqRecord, pipe: Pipe, go: int, then: str) -> None:
+    record.write(7, 8, 9.0)
+    pipe.send("written")
+    if then == "exit":
+        os.read(go, 1)  # until the parent has seen us alive
+        os._exit(0)  # between writes: the record is complete, nothing is held
+    time.sleep(60)  # until killed
+
+
+def wait_dead(child: ForkedChild) -> None:
+    """Return once the child has exited, leaving it a zombie (not reaped)."""
+    info = os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)
+    assert info is not None
+
+
+@pytest.mark.parametrize("how", ["exited-zombie", "killed-zombie", "killed-reaped"])
+def test_reader_learns_the_writer_died_between_writes(how: str, pipe: Pipe) -> None:
+    # read() cannot notice this death (the counter is even, the record reads fine);
+    # last_writer and writer_alive() can.
+    go_r, go_w = os.pipe()
+    with SeqRecord("qqd") as record:
+        record.write(1, 2, 3.0)
+        assert record.last_writer == os.getpid()
+        child = Child(lambda: write_then(record, pipe, go_r, "exit" if "exit" in how else "hang"))
+        try:
+            assert pipe.recv() == "written"
+            assert record.last_writer == child.pid
+            assert record.writer_alive() is True
+            if "killed" in how:
+                child.kill()
+            else:
+                os.write(go_w, b"x")
+            wait_dead(child)  # a zombie now: dead, not yet reaped
+            assert record.writer_alive() is False
+            if "reaped" in how:
+                child.join(killed=True)
+                assert record.writer_alive() is False
+            assert record.last_writer == child.pid  # who it was stays known
+            assert record.read_nowait() == (7, 8, 9.0)  # the last values stay readable
+            record.write(4, 5, 6.0)  # a new writer replaces it
+            assert record.last_writer == os.getpid()
+            assert record.writer_alive() is True
+        finally:
+            child.reap()
+            os.close(go_r)
+            os.close(go_w)
+
+
+async def test_last_writer_of_a_record_shared_with_an_exec_child() -> None:
+    # The child learns who wrote last in its parent, and the parent who wrote in it.
+    with SeqRecord("qqd") as record:
+        record.write(1, 2, 3.0)
+        proc = await exec_child(loop_kind(), {"last": record})
+        try:
+            line = await soon(readline(proc))
+            assert line == f"{os.getpid()} True"
+            assert await soon(proc.wait()) == 0
+        finally:
+            if proc.returncode is None:  # pragma: no cover - after a failure above
+                proc.kill()
+                await proc.wait()
+        assert record.last_writer == proc.pid
+        assert record.writer_alive() is False  # exited (and reaped by asyncio)
+        assert record.read_nowait() == (4, 5, 6.0)
+
+
 async def test_latch_readers_never_wait_for_another_process(pipe: Pipe) -> None:
     with SeqRecord("qqd", latch=True) as record:
         record.write(1, 2, 3.0)
@@ -322,7 +388,12 @@ import aiosync
 
 async def main() -> None:
     shared = aiosync.inherited()
-    if "cfg" in shared:
+    if "last" in shared:
+        record = shared["last"]
+        print(record.last_writer, record.writer_alive(), flush=True)
+        record.write(4, 5, 6.0)
+        record.close()
+    elif "cfg" in shared:
         record = shared["cfg"]
         assert isinstance(record, aiosync.SeqRecord), record
         print("got", *(await record.read()), flush=True)
@@ -508,7 +579,7 @@ def test_forged_descriptions_are_refused() -> None:
                 ("SeqRecord", good, {"fd": memfd}, "fields"),
                 ("SeqRecord", good, {"memfd": efd}, "should be a memfd"),
                 ("SeqRecord", good, {"memfd": 999}, "not open"),
-                ("SeqRecord", good, {"memfd": small}, "bytes, 40 are needed"),
+                ("SeqRecord", good, {"memfd": small}, "bytes, 48 are needed"),
                 ("SeqRecord", {"format": "1000q", "latch": True}, {"memfd": memfd}, "needed"),
                 ("SeqCount", {"offset": 4, "size": 0, "copies": 0}, {"memfd": memfd}, "layout"),
                 ("SeqCount", {"offset": -8, "size": 0, "copies": 0}, {"memfd": memfd}, "offset"),
