@@ -540,10 +540,38 @@ ready_new(PyTypeObject *type, PyObject *value)
     return (PyObject *)ready;
 }
 
+/* Dropped without being awaited (a forgotten `await`): warn as CPython does for a
+ * coroutine that was never awaited. The warning may raise (warnings as errors); a
+ * deallocator cannot, so that goes to the unraisable hook, as for coroutines. */
+static void
+ready_warn_unawaited(void)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    PyObject *pending = PyErr_GetRaisedException();
+#else
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+#endif
+    if (PyErr_WarnEx(PyExc_RuntimeWarning,
+                     "coroutine 'SeqRecord.read' was never awaited "
+                     "(use `await record.read()`, or record.read_nowait())",
+                     1) < 0) {
+        PyErr_WriteUnraisable(NULL);
+    }
+#if PY_VERSION_HEX >= 0x030C0000
+    PyErr_SetRaisedException(pending);
+#else
+    PyErr_Restore(type, value, tb);
+#endif
+}
+
 static void
 Ready_dealloc(PyObject *op)
 {
     PyTypeObject *tp = Py_TYPE(op);
+    if (((Ready *)op)->value != NULL) {
+        ready_warn_unawaited();
+    }
     Py_XDECREF(((Ready *)op)->value);
     PyObject_Free(op);
     Py_DECREF(tp);
@@ -632,6 +660,18 @@ Ready_throw(PyObject *self, PyObject *args)
     return NULL;
 }
 
+/* Not iterable: `a, b = record.read()` (a forgotten `await`) would otherwise unpack an
+ * empty iteration and fail with a puzzling "not enough values to unpack". */
+static PyObject *
+Ready_iter(PyObject *self)
+{
+    ready_drop(self);
+    PyErr_SetString(PyExc_TypeError,
+                    "SeqRecord.read() must be awaited: `await record.read()` (or "
+                    "record.read_nowait() without a loop)");
+    return NULL;
+}
+
 static PyObject *
 Ready_close(PyObject *self, PyObject *Py_UNUSED(ignored))
 {
@@ -667,7 +707,7 @@ static PyType_Slot Ready_slots[] = {
     {Py_tp_dealloc, FUNC(Ready_dealloc)},
     {Py_am_await, FUNC(Ready_await)},
     {Py_am_send, FUNC(Ready_am_send)},
-    {Py_tp_iter, FUNC(PyObject_SelfIter)},
+    {Py_tp_iter, FUNC(Ready_iter)},
     {Py_tp_iternext, FUNC(Ready_next)},
     {Py_tp_methods, Ready_methods},
     {Py_tp_getset, Ready_getset},
