@@ -13,6 +13,7 @@ import mmap
 import os
 import select
 import stat
+import sys
 from collections.abc import Iterable
 from typing import Final, Literal
 
@@ -45,10 +46,14 @@ def memfd(name: str, size: int) -> int:
 def map_shared(fd: int, size: int) -> mmap.mmap:
     """Map the first `size` bytes of `fd` shared, readable and writable.
 
-    CPython's mmap keeps a close-on-exec duplicate of `fd` of its own, which the
-    mapping's ``close()`` closes; `fd` itself stays the caller's.
+    `fd` stays the caller's. Before 3.13, CPython's mmap keeps a close-on-exec duplicate
+    of `fd` of its own (closed by the mapping's ``close()``); from 3.13 it is asked not
+    to (``trackfd=False``), so a mapping costs no fd.
     """
-    return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    prot = mmap.PROT_READ | mmap.PROT_WRITE
+    if sys.version_info >= (3, 13):
+        return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=prot, trackfd=False)
+    return mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=prot)
 
 
 def file_size(fd: int) -> int:
