@@ -631,6 +631,10 @@ class SeqRecord(_seqc.Record, Resource):
     With ``latch=True`` (Linux's seqcount_latch) the record keeps two copies: readers
     never wait at all, not even while a write is held open; they get the latest
     complete value.
+
+    A writer that dies inside a write is reported by ``read()``; one that dies between
+    writes leaves a record that reads fine and never changes again: `last_writer` and
+    `writer_alive` tell a reader who published last and whether it still runs.
     """
 
     backoff: Backoff = Backoff()
