@@ -652,6 +652,10 @@ class SeqRecord(_seqc.Record, Resource):
     With ``latch=True`` (Linux's seqcount_latch) the record keeps two copies: readers
     never wait at all, not even while a write is held open; they get the latest
     complete value.
+
+    A writer that dies inside a write is reported by ``read()``; one that dies between
+    writes leaves a record that reads fine and never changes again: `last_writer` and
+    `writer_alive` tell a reader who published last and whether it still runs.
     """
 
     backoff: Backoff = Backoff()
@@ -780,7 +784,13 @@ class SeqRecord(_seqc.Record, Resource):
         writer that takes over from a dead one replaces it.
 
         The pid may be reused once that process is gone: ask `writer_alive`, which
-        tells the two apart. Raises `ClosedResourceError` after `close`.
+        tells the two apart.
+
+        Returns:
+            The writer's pid, or None before the first write.
+
+        Raises:
+            ClosedResourceError: the record was closed.
         """
         token = self._last_writer()
         return token >> 32 if token else None
@@ -788,14 +798,20 @@ class SeqRecord(_seqc.Record, Resource):
     def writer_alive(self) -> bool | None:
         """Whether the process that wrote last (`last_writer`) is still running.
 
-        Returns True while it runs (this process included), False once it has exited
-        or been killed (a zombie nobody reaped yet counts as dead, and so does a
-        recycled pid: the writer is identified by its pid and its start time, as in
-        the writer-death check of ``read()``), and None if nothing was written yet.
-        The answer is as of the call: a reader that polls it, or pairs the writer
-        with a `Barrier` to be told at once, decides what a dead publisher means
-        (the last values stay readable). Never blocks (it reads ``/proc``). Raises
-        `ClosedResourceError` after `close`.
+        Use it where a reader must not go on trusting values whose publisher is gone.
+        The writer is identified by its pid and its start time, as in the
+        writer-death check of ``read()``, so a recycled pid is not mistaken for it.
+        The answer is as of the call: a reader polls it where it already wakes up, or
+        pairs the writer with a `Barrier` to be told at once; the last values stay
+        readable either way. Never blocks (it reads ``/proc``).
+
+        Returns:
+            True while that process runs (this process included); False once it has
+            exited or been killed (a zombie nobody reaped yet counts as dead, and so
+            does a recycled pid); None before the first write.
+
+        Raises:
+            ClosedResourceError: the record was closed.
         """
         token = self._last_writer()
         if not token:
