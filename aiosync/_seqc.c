@@ -157,6 +157,11 @@ typedef struct {
     PyTypeObject *counter_type;
     PyTypeObject *record_type;
     PyTypeObject *ready_type;
+    /* This process's writer token (pid << 32 | start time), 0 until the Python side
+     * has computed it, and again in a forked child until it computes its own. */
+    atomic_u64 token;
+    PyObject *write_slow; /* the interned name "_write_slow" */
+    PyObject *zero;       /* the int 0, pack_into's offset */
 } seqc_state;
 
 static inline seqc_state *
@@ -193,6 +198,9 @@ typedef struct {
     int copies;             /* 0: bare counter, 1: record, 2: latch record */
     int set_up;             /* once set up, never again (the fields above stay put) */
     PyObject *unpack;       /* records: struct.Struct(fmt).unpack */
+    PyObject *pack_into;    /* records with a fast write: struct.Struct(fmt).pack_into */
+    PyObject *scratch;      /* ... and a bytearray of `size` bytes it packs into */
+    int packing;            /* a write() of this process is packing into `scratch` */
 } Counter;
 
 /* Call with the object's critical section held. */
@@ -280,30 +288,45 @@ Counter_init(Counter *self, PyObject *args, PyObject *kwds)
 static int
 Record_init(Counter *self, PyObject *args, PyObject *kwds)
 {
-    static char *keywords[] = {"buffer", "offset", "size", "copies", "unpack", NULL};
-    PyObject *buffer, *unpack;
+    static char *keywords[] = {"buffer", "offset", "size", "copies", "unpack", "pack_into",
+                               NULL};
+    PyObject *buffer, *unpack, *pack_into = NULL;
     Py_ssize_t offset, size;
     int copies;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OnniO:Record", keywords, &buffer, &offset,
-                                     &size, &copies, &unpack)) {
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OnniO|O:Record", keywords, &buffer, &offset,
+                                     &size, &copies, &unpack, &pack_into)) {
         return -1;
     }
     if (copies < 1 || size < 1) {
         PyErr_SetString(PyExc_ValueError, "a record needs a payload and 1 or 2 copies of it");
         return -1;
     }
-    if (!PyCallable_Check(unpack)) {
-        PyErr_SetString(PyExc_TypeError, "unpack must be callable");
+    if (!PyCallable_Check(unpack) || (pack_into != NULL && !PyCallable_Check(pack_into))) {
+        PyErr_SetString(PyExc_TypeError, "unpack and pack_into must be callable");
         return -1;
     }
-    return setup_locked(self, buffer, offset, size, copies, unpack);
+    PyObject *scratch = NULL;
+    if (pack_into != NULL && (scratch = PyByteArray_FromStringAndSize(NULL, size)) == NULL) {
+        return -1;
+    }
+    int result;
+    Py_BEGIN_CRITICAL_SECTION(self);
+    result = setup(self, buffer, offset, size, copies, unpack);
+    if (result == 0 && pack_into != NULL) {
+        self->pack_into = Py_NewRef(pack_into);
+        self->scratch = Py_NewRef(scratch);
+    }
+    Py_END_CRITICAL_SECTION();
+    Py_XDECREF(scratch);
+    return result;
 }
 
 /* Detach the buffer and the unpack callable from the object (call with its critical
  * section held); the caller releases them outside it. Returns 1 if this call released
  * the counter, 0 if it was not set up or already released. */
 static int
-detach(Counter *self, Py_buffer *view, PyObject **unpack)
+detach(Counter *self, Py_buffer *view, PyObject **unpack, PyObject **pack_into,
+       PyObject **scratch)
 {
     int released = 0;
     if (self->seq != NULL) {
@@ -317,6 +340,10 @@ detach(Counter *self, Py_buffer *view, PyObject **unpack)
     }
     *unpack = self->unpack;
     self->unpack = NULL;
+    *pack_into = self->pack_into;
+    self->pack_into = NULL;
+    *scratch = self->scratch;
+    self->scratch = NULL;
     return released;
 }
 
@@ -325,12 +352,14 @@ Counter_dealloc(PyObject *op)
 {
     PyTypeObject *tp = Py_TYPE(op);
     Py_buffer view;
-    PyObject *unpack;
+    PyObject *unpack, *pack_into, *scratch;
     /* The last reference: no other thread can hold the object. */
-    if (detach((Counter *)op, &view, &unpack)) {
+    if (detach((Counter *)op, &view, &unpack, &pack_into, &scratch)) {
         PyBuffer_Release(&view);
     }
     Py_XDECREF(unpack);
+    Py_XDECREF(pack_into);
+    Py_XDECREF(scratch);
     tp->tp_free(op);
     Py_DECREF(tp);
 }
@@ -339,15 +368,17 @@ static PyObject *
 Counter_release(PyObject *op, PyObject *Py_UNUSED(ignored))
 {
     Py_buffer view;
-    PyObject *unpack;
+    PyObject *unpack, *pack_into, *scratch;
     int released;
     Py_BEGIN_CRITICAL_SECTION(op);
-    released = detach((Counter *)op, &view, &unpack);
+    released = detach((Counter *)op, &view, &unpack, &pack_into, &scratch);
     Py_END_CRITICAL_SECTION();
     if (released) {
         PyBuffer_Release(&view);
     }
     Py_XDECREF(unpack);
+    Py_XDECREF(pack_into);
+    Py_XDECREF(scratch);
     Py_RETURN_NONE;
 }
 
@@ -986,7 +1017,100 @@ static PyMethodDef Counter_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
+/* self._write_slow(*args, **kwnames) */
+static PyObject *
+write_slow(PyObject *op, seqc_state *state, PyObject *const *args, Py_ssize_t nargs,
+           PyObject *kwnames)
+{
+    PyObject *method = PyObject_GetAttr(op, state->write_slow);
+    if (method == NULL) {
+        return NULL;
+    }
+    PyObject *result = PyObject_Vectorcall(method, args, (size_t)nargs, kwnames);
+    Py_DECREF(method);
+    return result;
+}
+
+/* Record.write(*values): the whole write in one call when nothing stands in the way.
+ *
+ * Pack the values with struct's pack_into into the record's private scratch bytearray
+ * (a call, so outside the critical section; `packing` keeps a second thread of this
+ * process off the scratch meanwhile), then claim the record (the compare-and-swap every
+ * write makes: a second writer, here or in another process, finds it held), copy the
+ * values into the payload with relaxed atomic stores and end the write. Values that do
+ * not fit are refused before anything is begun.
+ *
+ * Everything else goes to the Python method _write_slow(*values), which knows the rules
+ * and the messages: the token not known yet (this process's first write), the scratch
+ * busy, the record held (a bracketing `with record.seqcount.write()` of this task,
+ * another writer, a dead one to take over), values that do not fit, closed. */
+static PyObject *
+Record_write(PyObject *op, PyTypeObject *defining_class, PyObject *const *args,
+             Py_ssize_t nargs, PyObject *kwnames)
+{
+    Counter *self = (Counter *)op;
+    seqc_state *state = (seqc_state *)PyType_GetModuleState(defining_class);
+    uint64_t token = atomic_load_explicit(&state->token, memory_order_relaxed);
+    PyObject *pack_into = NULL, *scratch = NULL;
+    if (token == 0 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames) != 0) || nargs > 16) {
+        return write_slow(op, state, args, nargs, kwnames);
+    }
+    Py_BEGIN_CRITICAL_SECTION(op);
+    if (self->seq != NULL && self->pack_into != NULL && !self->packing) {
+        self->packing = 1;
+        pack_into = Py_NewRef(self->pack_into);
+        scratch = Py_NewRef(self->scratch);
+    }
+    Py_END_CRITICAL_SECTION();
+    if (pack_into == NULL) {
+        return write_slow(op, state, args, nargs, kwnames);
+    }
+    /* pack_into(scratch, 0, *values) */
+    PyObject *stack[2 + 16];
+    stack[0] = scratch;
+    stack[1] = state->zero;
+    memcpy(stack + 2, args, (size_t)nargs * sizeof(PyObject *));
+    PyObject *packed = PyObject_Vectorcall(pack_into, stack, (size_t)(nargs + 2), NULL);
+    int status = -1; /* -1 closed, 0 written, 1 held (or not packed) */
+    uint64_t found = 0;
+    Py_BEGIN_CRITICAL_SECTION(op);
+    if (self->seq != NULL) {
+        status = 1;
+        if (packed != NULL && begin(self, token, 0, &found) == 0) {
+            copy_in(self->payload, PyByteArray_AS_STRING(scratch), self->size);
+            end(self);
+            status = 0;
+        }
+    }
+    self->packing = 0;
+    Py_END_CRITICAL_SECTION();
+    Py_DECREF(pack_into);
+    Py_DECREF(scratch);
+    if (packed == NULL) {
+        /* Values that do not fit: the Python method packs them again and says why. */
+        PyErr_Clear();
+        return write_slow(op, state, args, nargs, NULL);
+    }
+    Py_DECREF(packed);
+    if (status == 0) {
+        Py_RETURN_NONE;
+    }
+    return write_slow(op, state, args, nargs, NULL); /* held, or closed: it says which */
+}
+
 static PyMethodDef Record_methods[] = {
+    {"write", (PyCFunction)(void (*)(void))Record_write, METH_METHOD | METH_FASTCALL | METH_KEYWORDS,
+     "write($self, /, *values)\n--\n\n"
+     "Publish new values (one per field of the format); never blocks.\n\n"
+     "Readers see the old values or the new ones, never a mix. Inside a\n"
+     "``with record.seqcount.write():`` block of this task, only stores the values.\n\n"
+     "Args:\n"
+     "    *values: one value per field of the record's format.\n\n"
+     "Raises:\n"
+     "    BusyResourceError: another write is in progress (writers must take turns).\n"
+     "    TypeError: the wrong number of values, or a value of the wrong type.\n"
+     "    ValueError: a value out of its field's range.\n"
+     "    ClosedResourceError: the record was closed."},
     {"read", (PyCFunction)(void (*)(void))Record_read, METH_METHOD | METH_FASTCALL | METH_KEYWORDS,
      "read($self, /, *, max_attempts=None)\n--\n\n"
      "Await it: a consistent snapshot of the record (a tuple).\n\n"
@@ -1118,7 +1242,22 @@ seqc_span(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs)
     return PyLong_FromSsize_t(span);
 }
 
+static PyObject *
+seqc_set_token(PyObject *module, PyObject *arg)
+{
+    uint64_t token;
+    if (parse_u64(arg, "token", &token) < 0) {
+        return NULL;
+    }
+    atomic_store_explicit(&get_state(module)->token, token, memory_order_relaxed);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef seqc_functions[] = {
+    {"set_token", (PyCFunction)seqc_set_token, METH_O,
+     "set_token(token) -> None\n--\n\n"
+     "This process's writer token for Record.write's fast path (0: not known, use the\n"
+     "Python path, which computes it)."},
     {"span", (PyCFunction)(void (*)(void))seqc_span, METH_FASTCALL,
      "span(size, copies) -> int\n--\n\n"
      "Bytes from a counter's offset to the end of what it uses: the header, `copies`\n"
@@ -1149,6 +1288,12 @@ seqc_exec(PyObject *module)
     if (state->ready_type == NULL) {
         return -1;
     }
+    state->write_slow = PyUnicode_InternFromString("_write_slow");
+    state->zero = PyLong_FromLong(0);
+    if (state->write_slow == NULL || state->zero == NULL) {
+        return -1;
+    }
+    atomic_store_explicit(&state->token, 0, memory_order_relaxed);
     return PyModule_AddIntConstant(module, "HEADER", HEADER);
 }
 
@@ -1159,6 +1304,8 @@ seqc_traverse(PyObject *module, visitproc visit, void *arg)
     Py_VISIT(state->counter_type);
     Py_VISIT(state->record_type);
     Py_VISIT(state->ready_type);
+    Py_VISIT(state->write_slow);
+    Py_VISIT(state->zero);
     return 0;
 }
 
@@ -1169,6 +1316,8 @@ seqc_clear(PyObject *module)
     Py_CLEAR(state->counter_type);
     Py_CLEAR(state->record_type);
     Py_CLEAR(state->ready_type);
+    Py_CLEAR(state->write_slow);
+    Py_CLEAR(state->zero);
     return 0;
 }
 

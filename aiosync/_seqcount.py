@@ -100,6 +100,7 @@ def _forget_token() -> None:
     global _pid, _token, _state_lock
     _pid = os.getpid()
     _token = 0
+    _seqc.set_token(0)  # the child computes its own before its first fast write
     _state_lock = threading.RLock()
 
 
@@ -122,6 +123,7 @@ def _my_token() -> int:
         fields = _stat_fields("self")
         start = int(fields[19]) if fields else 0
         _token = (_pid << 32) | (start & _LOW32)
+        _seqc.set_token(_token)
     return _token
 
 
@@ -681,7 +683,13 @@ class SeqRecord(_seqc.Record, Resource):
     def _set_up(self, memory: _Memfd, format: str, compiled: struct.Struct, latch: bool) -> None:
         try:
             _seqc.Record.__init__(
-                self, memory.map, 0, compiled.size, 2 if latch else 1, compiled.unpack
+                self,
+                memory.map,
+                0,
+                compiled.size,
+                2 if latch else 1,
+                compiled.unpack,
+                compiled.pack_into,
             )
         except BaseException:
             memory.close()
@@ -724,21 +732,12 @@ class SeqRecord(_seqc.Record, Resource):
 
     # -- writing ----------------------------------------------------------------------
 
-    def write(self, *values: Any) -> None:
-        """Publish new values (one per field of the format); never blocks.
+    # write() is a C method of _seqc.Record: the whole write in one call (claim, pack into
+    # a private buffer, copy, end) when nothing stands in the way; everything else comes
+    # here (see _seqc.c, "Record.write").
 
-        Readers see the old values or the new ones, never a mix. Inside a
-        ``with record.seqcount.write():`` block of this task, only stores the values.
-
-        Args:
-            *values: one value per field of the record's format.
-
-        Raises:
-            BusyResourceError: another write is in progress (writers must take turns).
-            TypeError: the wrong number of values, or a value of the wrong type.
-            ValueError: a value out of its field's range.
-            ClosedResourceError: the record was closed.
-        """
+    def _write_slow(self, *values: Any) -> None:
+        """`write()` when the C path steps aside: first write, held, bad values, closed."""
         try:
             data = self._pack(*values)
         except struct.error as exc:
