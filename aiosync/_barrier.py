@@ -35,12 +35,14 @@ from __future__ import annotations
 import enum
 import os
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any, Final, Self, TypeAlias
 
 from . import _fd, _share, _waitq
-from ._errors import ClosedResourceError
+from ._errors import ClosedResourceError, SharingError
 from ._resource import Resource
+from ._share import Adoption
 
 __all__ = ["Barrier", "Role"]
 
@@ -61,6 +63,11 @@ class Role(enum.Enum):
 
     PARENT = "parent"
     CHILD = "child"
+
+
+# The multiprocessing child (its Popen) each role-less Barrier was pickled for. Kept
+# until the Barrier goes: once that child has a pid, the Barrier is not handed out again.
+_children: weakref.WeakKeyDictionary[Barrier, object] = weakref.WeakKeyDictionary()
 
 
 @_share.shareable
@@ -574,15 +581,25 @@ class Barrier(Resource):
     # -- sharing ----------------------------------------------------------------------
 
     def _share(self, for_exec: bool) -> tuple[dict[str, Any], dict[str, int]]:
-        self._check_open()
         if self._role is not None:
-            raise RuntimeError(
+            raise SharingError(
                 "a Barrier can be shared only before its role is set "
                 f"(this one is already the {self._role.name} side)"
+            )
+        # Its CHILD side goes to one process: refuse a second child, before it starts.
+        child = _children.get(self)
+        pid = getattr(child, "pid", None)  # set once that child started
+        if pid is not None:
+            raise SharingError(
+                f"this Barrier was already handed to the child process {pid}; a Barrier "
+                "has two parties, so create one per child (or a BarrierGroup)"
             )
         fds = {"me": self._me, "them": self._them, "pipe_w": self._pipe_w}
         if for_exec:
             return {"role": Role.CHILD.name}, fds
+        # Pickled for a multiprocessing child being started. Until it has started (it
+        # may fail to), that child is remembered, not counted.
+        _children[self] = _share.spawning()
         return {"role": None}, {**fds, "pipe_r": self._pipe_r}
 
     def _after_share(self, pid: int) -> None:
@@ -590,11 +607,11 @@ class Barrier(Resource):
         self._peer_pid = pid
 
     @classmethod
-    def _unshare(cls, state: dict[str, Any], fds: dict[str, int], name: str) -> Self:
+    def _unshare(cls, state: dict[str, Any], fds: dict[str, int], name: str) -> Adoption:
         _share.expect_keys(name, state, {"role"})
         role = state["role"]
-        if role not in (None, Role.CHILD.name):
-            raise _share.invalid(name, f"unknown role {role!r}")
+        if role is not None and role != Role.CHILD.name:
+            raise _share.invalid(name, f"unknown role {_share.show(role)}")
         # No role yet (pickled for multiprocessing): the child may take either role, so
         # both pipe ends come along.
         required = {"me", "them", "pipe_w"} | ({"pipe_r"} if role is None else set())
@@ -605,14 +622,18 @@ class Barrier(Resource):
         pipe_r = -1
         if "pipe_r" in fds:
             pipe_r = _fd.check(fds["pipe_r"], "pipe-read", name=name)
-        for fd in (me, them, pipe_w, pipe_r):
-            if fd >= 0:
+        mine = [fd for fd in (me, them, pipe_w, pipe_r) if fd >= 0]
+
+        def adopt() -> Barrier:
+            for fd in mine:
                 _fd.own(fd)
-        self = cls._adopt(me, them, pipe_r, pipe_w)
-        if role is not None:  # a child of create_subprocess_exec: the peer is its parent
-            self.set_role(Role.CHILD)
-            self._peer_pid = os.getppid()
-        return self
+            self = cls._adopt(me, them, pipe_r, pipe_w)
+            if role is not None:  # a child of create_subprocess_exec: the peer is its parent
+                self.set_role(Role.CHILD)
+                self._peer_pid = os.getppid()
+            return self
+
+        return Adoption(cls, mine, adopt)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return _share.reduce(self)

@@ -46,6 +46,7 @@ from typing import Any, Self
 from . import _fd, _share, _waitq
 from ._errors import ClosedResourceError
 from ._resource import Resource
+from ._share import Adoption
 
 __all__ = ["Completion"]
 
@@ -270,19 +271,22 @@ class Completion(Resource):
     # -- sharing ----------------------------------------------------------------------
 
     def _share(self, for_exec: bool) -> tuple[dict[str, Any], dict[str, int]]:
-        self._check_open()
         return {}, {"count": self._count, "all": self._all}
 
     def _after_share(self, pid: int) -> None:
         pass
 
     @classmethod
-    def _unshare(cls, state: dict[str, Any], fds: dict[str, int], name: str) -> Self:
+    def _unshare(cls, state: dict[str, Any], fds: dict[str, int], name: str) -> Adoption:
         _share.expect_keys(name, state, set())
         _share.expect_keys(name, fds, {"count", "all"})
         count = _fd.check(fds["count"], "semaphore-eventfd", name=name)
         all_ = _fd.check(fds["all"], "eventfd", name=name)
-        return cls._adopt(_fd.own(count), _fd.own(all_))
+
+        def adopt() -> Completion:
+            return cls._adopt(_fd.own(count), _fd.own(all_))
+
+        return Adoption(cls, (count, all_), adopt)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return _share.reduce(self)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import reprlib
 import select
 import stat
 import sys
@@ -155,7 +156,7 @@ def check(fd: object, kind: FdKind, *, name: str) -> int:
     Raises `SharingError` naming the object and what was found instead.
     """
     if not isinstance(fd, int) or isinstance(fd, bool) or fd < 0:
-        raise SharingError(f"{name}: {fd!r} is not a file descriptor number")
+        raise SharingError(f"{name}: {reprlib.repr(fd)} is not a file descriptor number")
     try:
         target = os.readlink(f"/proc/self/fd/{fd}")
         mode = os.fstat(fd).st_mode
@@ -185,7 +186,22 @@ def check(fd: object, kind: FdKind, *, name: str) -> int:
             raise SharingError(f"{name}: fd {fd} should be a memfd but is {target!r}")
         if access != os.O_RDWR:
             raise SharingError(f"{name}: memfd {fd} is not open for reading and writing")
+        try:
+            seals = _seals(fd)
+        except OSError:  # only memfds (and tmpfs files) have seals
+            raise SharingError(f"{name}: fd {fd} should be a memfd but is {target!r}") from None
+        if seals & _WRITE_SEALS:  # mapping it writable would fail (EPERM)
+            raise SharingError(f"{name}: memfd {fd} is sealed against writing")
     return fd
+
+
+_WRITE_SEALS: Final = 0x0008 | 0x0010  # F_SEAL_WRITE | F_SEAL_FUTURE_WRITE (Linux 5.1)
+
+
+def _seals(fd: int) -> int:
+    import fcntl
+
+    return fcntl.fcntl(fd, fcntl.F_GET_SEALS)
 
 
 def _access_mode(fd: int) -> int:

@@ -45,6 +45,7 @@ import os
 from collections.abc import Iterable, Iterator
 from typing import Any, Final
 
+from . import _share
 from ._barrier import (
     UNTIL_ABORTED,
     Barrier,
@@ -129,6 +130,10 @@ class GroupResult:
         return self.ok
 
 
+@_share.unshareable(
+    "a BarrierGroup stays in the parent: share each member (group[i]) with its own "
+    "child instead, as share={'gate': group[i]} or as a multiprocessing Process argument"
+)
 class BarrierGroup(Resource):
     """A parent's barriers with its N children, synced, aborted and watched as one.
 
@@ -155,6 +160,10 @@ class BarrierGroup(Resource):
     (``async with asyncio.timeout(...)``), and a cancelled wait loses nothing (every
     member keeps what it read). A child that dies, or is killed, releases its member's
     waits at once: it shows up in ``died``.
+
+    The group itself is never shared: passing it to ``create_subprocess_exec(share=)``
+    or to a multiprocessing child raises `SharingError` (share ``group[i]``), and
+    pickling it anywhere else raises `TypeError`.
     """
 
     def __init__(self, n: int) -> None:
@@ -450,9 +459,7 @@ class BarrierGroup(Resource):
             check_ready(barrier)  # ClosedResourceError if the member was closed alone
 
     def __reduce__(self) -> tuple[Any, ...]:
-        raise TypeError(
-            "a BarrierGroup stays in the parent; share each member (group[i]) with its child"
-        )
+        return _share.reduce(self)
 
     def __repr__(self) -> str:
         if self._closed:

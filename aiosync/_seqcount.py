@@ -61,10 +61,11 @@ import os
 import struct
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, ClassVar, Final, NoReturn, Self, TypeAlias
+from typing import Any, ClassVar, Final, NoReturn, TypeAlias
 
 from . import _fd, _seqc, _share
 from ._errors import (
@@ -74,6 +75,7 @@ from ._errors import (
     SharingError,
 )
 from ._resource import Resource
+from ._share import Adoption
 
 __all__ = ["Backoff", "SeqCount", "SeqRecord"]
 
@@ -328,6 +330,22 @@ class _Memfd:
         self.fd = -1
 
 
+# Memory received from another process, by fd. A SeqRecord and its own seqcount shared
+# together name one memfd, passed once: whichever of them is adopted second finds the
+# first here, and the counter becomes the record's `seqcount`, over the same mapping.
+_received: dict[int, weakref.ref[SeqCount | SeqRecord]] = {}
+
+
+def _received_over(fd: int) -> SeqCount | SeqRecord | None:
+    """The open object that adopted the memfd `fd` in this process, if any."""
+    ref = _received.get(fd)
+    obj = None if ref is None else ref()
+    if obj is None or obj._closed or obj._memory is None or obj._memory.fd != fd:
+        _received.pop(fd, None)
+        return None
+    return obj
+
+
 # ---------------------------------------------------------------------------------------
 # SeqCount
 # ---------------------------------------------------------------------------------------
@@ -547,8 +565,6 @@ class SeqCount(_seqc.Counter, Resource):
     # -- sharing ----------------------------------------------------------------------
 
     def _share(self, for_exec: bool) -> tuple[dict[str, Any], dict[str, int]]:
-        if self._closed:
-            raise ClosedResourceError("this SeqCount was closed")
         if self._memory is None:
             raise SharingError(
                 "a SeqCount over a buffer of your own cannot be shared by itself: everything "
@@ -564,13 +580,13 @@ class SeqCount(_seqc.Counter, Resource):
         pass
 
     @classmethod
-    def _unshare(cls, state: dict[str, Any], fds: dict[str, int], name: str) -> Self:
+    def _unshare(cls, state: dict[str, Any], fds: dict[str, int], name: str) -> Adoption:
         _share.expect_keys(name, state, {"offset", "size", "copies"})
         _share.expect_keys(name, fds, {"memfd"})
         offset, size, copies = state["offset"], state["size"], state["copies"]
         for key, value in state.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise _share.invalid(name, f"bad {key} {value!r}")
+                raise _share.invalid(name, f"bad {key} {_share.show(value)}")
         if offset % 8 or copies > 2 or (copies == 0) != (size == 0):
             raise _share.invalid(name, f"bad layout (offset {offset}, size {size}, {copies})")
         fd = _fd.check(fds["memfd"], "memfd", name=name)
@@ -578,14 +594,26 @@ class SeqCount(_seqc.Counter, Resource):
         have = _fd.file_size(fd)
         if have < needed:
             raise _share.invalid(name, f"memfd {fd} holds {have} bytes, {needed} are needed")
-        _fd.own(fd)
-        memory = _Memfd(fd, needed)
-        try:
-            self = cls._over(memory, offset, (size, copies), owns=True)
-        except BaseException:
-            memory.close()
-            raise
-        return self  # type: ignore[return-value]
+        geometry = (size, copies)
+
+        def adopt() -> SeqCount:
+            partner = _received_over(fd)
+            if partner is not None:  # a record's own counter, sent along with the record
+                if not isinstance(partner, SeqRecord) or partner._geometry() != (offset, *geometry):
+                    raise _share.invalid(name, f"memfd {fd} was adopted by another object")
+                return partner.seqcount
+            memory = _Memfd(fd, needed)  # maps it; nothing about the fd changes
+            try:
+                self = cls._over(memory, offset, geometry, owns=True)
+            except BaseException:
+                memory.map.close()
+                raise
+            _received[fd] = weakref.ref(self)
+            _fd.own(fd)
+            return self
+
+        memory = (fd, offset, *geometry) if offset == 0 else None
+        return Adoption(cls, (fd,), adopt, memory)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return _share.reduce(self)
@@ -834,35 +862,62 @@ class SeqRecord(_seqc.Record, Resource):
     # -- sharing ----------------------------------------------------------------------
 
     def _share(self, for_exec: bool) -> tuple[dict[str, Any], dict[str, int]]:
-        if self._closed:
-            raise ClosedResourceError("this SeqRecord was closed")
         return {"format": self._format, "latch": self._latch}, {"memfd": self._memory.fd}
 
     def _after_share(self, pid: int) -> None:
         pass
 
+    def _geometry(self) -> tuple[int, int, int]:
+        """(offset, size, copies) of the record's counter and payload in its memory."""
+        return (0, self._size, 2 if self._latch else 1)
+
     @classmethod
-    def _unshare(cls, state: dict[str, Any], fds: dict[str, int], name: str) -> Self:
+    def _unshare(cls, state: dict[str, Any], fds: dict[str, int], name: str) -> Adoption:
         _share.expect_keys(name, state, {"format", "latch"})
         _share.expect_keys(name, fds, {"memfd"})
         format, latch = state["format"], state["latch"]
         if not isinstance(latch, bool):
-            raise _share.invalid(name, f"bad latch {latch!r}")
+            raise _share.invalid(name, f"bad latch {_share.show(latch)}")
+        if not isinstance(format, str):
+            raise _share.invalid(name, f"bad format {_share.show(format)}")
         try:
             compiled = _compile(format)
         except (TypeError, ValueError) as exc:
-            raise _share.invalid(name, str(exc)) from None
+            raise _share.invalid(name, _share.show(str(exc))) from None
         fd = _fd.check(fds["memfd"], "memfd", name=name)
         needed = _record_bytes(compiled.size, latch)
         have = _fd.file_size(fd)
         if have < needed:
             raise _share.invalid(name, f"memfd {fd} holds {have} bytes, {needed} are needed")
-        _fd.own(fd)
-        memory = _Memfd(fd, needed)
-        self = cls.__new__(cls)
-        self._closed = True
-        self._set_up(memory, format, compiled, latch)
-        return self
+        geometry = (0, compiled.size, 2 if latch else 1)
+
+        def adopt() -> SeqRecord:
+            self = cls.__new__(cls)
+            self._closed = True
+            partner = _received_over(fd)
+            if partner is None:
+                memory = _Memfd(fd, needed)  # maps it; nothing about the fd changes
+                self._set_up(memory, format, compiled, latch)
+                _fd.own(fd)
+            elif (
+                isinstance(partner, SeqCount)
+                and partner._owns
+                and (
+                    partner._offset,
+                    *partner._geometry,
+                )
+                == geometry
+            ):
+                # Its own counter arrived first: the record takes its memory over.
+                self._set_up(partner._memory, format, compiled, latch)  # type: ignore[arg-type]
+                partner._owns = False
+                self._view = partner
+            else:
+                raise _share.invalid(name, f"memfd {fd} was adopted by another object")
+            _received[fd] = weakref.ref(self)
+            return self
+
+        return Adoption(cls, (fd,), adopt, (fd, *geometry))
 
     def __reduce__(self) -> tuple[Any, ...]:
         return _share.reduce(self)

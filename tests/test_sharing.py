@@ -152,7 +152,7 @@ async def test_passed_fds_are_not_inheritable_afterwards(spoiled: bool) -> None:
 async def test_sharing_a_barrier_with_its_role_set_is_refused() -> None:
     with Barrier() as b:
         b.set_role(Role.PARENT)
-        with pytest.raises(RuntimeError, match="only before its role is set"):
+        with pytest.raises(SharingError, match="only before its role is set"):
             await aiosync.create_subprocess_exec(PYTHON, "-c", "pass", share={"gate": b})
         assert b.role is Role.PARENT
 
@@ -481,11 +481,11 @@ def test_not_an_fd_number(fds: Fds, bad: object) -> None:
     expect_error(report, f"{bad!r} is not a file descriptor number")
 
 
-def test_objects_built_before_a_bad_one_are_closed(fds: Fds) -> None:
+def test_a_bad_entry_leaves_the_good_ones_unadopted(fds: Fds) -> None:
     second = barrier_entry(fds)
     second["fds"] = {"me": fds.me2, "them": fds.them2, "pipe_w": fds.semaphore}
     report = probe(fds, doc(("gate", barrier_entry(fds)), ("other", second)))
     expect_error(report, "other: ", f"fd {fds.semaphore} should be a pipe")
-    # "gate" was built (and so owned its fds) before "other" failed: it was closed.
+    # Every entry is checked before any is adopted: "gate" never was, its fds stay open.
     for fd in (fds.me, fds.them, fds.pipe_w):
-        assert fd not in report["open"], report
+        assert fd in report["open"], report
