@@ -581,18 +581,19 @@ class Barrier(Resource):
     # -- sharing ----------------------------------------------------------------------
 
     def _share(self, for_exec: bool) -> tuple[dict[str, Any], dict[str, int]]:
+        # Its CHILD side goes to one process: refuse a second child, before it starts.
+        pid = self.peer_pid if self._role is Role.PARENT else None
+        if pid is None:
+            pid = getattr(_children.get(self), "pid", None)  # set once that child started
+        if pid is not None:
+            raise SharingError(
+                f"this Barrier was already handed to the child process {pid}; a Barrier "
+                "has two parties, so create one per child (or use a BarrierGroup)"
+            )
         if self._role is not None:
             raise SharingError(
                 "a Barrier can be shared only before its role is set "
                 f"(this one is already the {self._role.name} side)"
-            )
-        # Its CHILD side goes to one process: refuse a second child, before it starts.
-        child = _children.get(self)
-        pid = getattr(child, "pid", None)  # set once that child started
-        if pid is not None:
-            raise SharingError(
-                f"this Barrier was already handed to the child process {pid}; a Barrier "
-                "has two parties, so create one per child (or a BarrierGroup)"
             )
         fds = {"me": self._me, "them": self._them, "pipe_w": self._pipe_w}
         if for_exec:
