@@ -90,6 +90,14 @@ class Barrier(Resource):
     For a process that runs no loop (a child about to exec, say) every wait has a
     blocking twin with a ``timeout=`` (``sync_blocking()`` and so on).
 
+    Sharing: hand it, before either role is set, to one child, through
+    ``aiosync.create_subprocess_exec(share=...)`` (this side becomes PARENT, the child's
+    CHILD) or as a multiprocessing ``Process`` argument under spawn or forkserver (each
+    side then calls `set_role`). A second child, a role already set or a closed barrier
+    is refused with `SharingError` before that child starts; pickling it anywhere else
+    raises `TypeError`. (Under fork, Process arguments are inherited, not handed out:
+    aiosync cannot see a second fork child.)
+
     Raises:
         OSError: the kernel refused the fds (two eventfds and a pipe), e.g. too many
             open files.

@@ -75,6 +75,11 @@ class Completion(Resource):
 
     A Completion does not notice that the process that was to complete it died: pair it
     with a `Barrier` (whose `Barrier.wait_abortion` does) where that matters.
+
+    Sharing: any number of processes may have it, through
+    ``aiosync.create_subprocess_exec(share=...)`` or as a multiprocessing ``Process``
+    argument (fork, spawn, forkserver). A closed completion is refused with
+    `SharingError` before the child starts; pickling it anywhere else raises `TypeError`.
     """
 
     def __init__(self) -> None:

@@ -398,7 +398,10 @@ class SeqCount(_seqc.Counter, Resource):
     building a SeqCount over the same bytes: inherit it across ``fork()``, or map the
     same memory and use the same offset. A SeqCount that lives in aiosync's own memory
     (`SeqRecord.seqcount`) can also be passed to
-    ``aiosync.create_subprocess_exec(share=...)`` and to multiprocessing children.
+    ``aiosync.create_subprocess_exec(share=...)`` and to multiprocessing children, alone
+    or with its record (the child's is then its record's ``seqcount``). One over a
+    buffer of your own, or a closed one, is refused with `SharingError` before the child
+    starts; pickling it anywhere else raises `TypeError`.
     """
 
     size: ClassVar[int] = HEADER
@@ -677,7 +680,10 @@ class SeqRecord(_seqc.Record, Resource):
     The record lives in its own anonymous shared memory (a memfd), guarded by a
     `SeqCount` (`seqcount`). It passes to children through
     ``aiosync.create_subprocess_exec(share={"cfg": record})`` / ``aiosync.inherited()``
-    and as a multiprocessing argument (fork, spawn, forkserver).
+    and as a multiprocessing argument (fork, spawn, forkserver); shared together with its
+    `seqcount`, the memory goes once and the child's counter is its record's
+    ``seqcount``. A closed record is refused with `SharingError` before the child starts;
+    pickling it anywhere else raises `TypeError`.
 
     With ``latch=True`` (Linux's seqcount_latch) the record keeps two copies: readers
     never wait at all, not even while a write is held open; they get the latest
