@@ -27,11 +27,11 @@ import pickle
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from conftest import PYTHON, SOON, loop_kind, run_on, soon
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import aiosync
@@ -645,6 +645,18 @@ def test_pickling_anywhere_else_stays_a_type_error() -> None:
 class Pool:
     """Real fds of every kind a description may name, some with flags we would not set."""
 
+    # Indexes in `fds` of each kind.
+    KINDS: ClassVar[dict[str, list[int]]] = {
+        "eventfd": [0, 1],
+        "semaphore": [2, 3],
+        "pipe_r": [4, 6],
+        "pipe_w": [5, 7],
+        "memfd": [8],
+        "sealed": [9],
+        "read-only memfd": [10],
+        "/dev/null": [11],
+    }
+
     def __init__(self) -> None:
         self.memfd = os.memfd_create("pool", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(self.memfd, 4096)
@@ -667,6 +679,7 @@ class Pool:
         for fd in fds[::2]:
             spoil(fd)
         self.fds = fds
+        assert len(fds) == sum(map(len, self.KINDS.values()))
         self.before = {fd: fd_state(fd) for fd in fds}
 
     def close(self) -> None:
@@ -690,50 +703,75 @@ def json_values() -> st.SearchStrategy[Any]:
     )
 
 
+def mostly(usual: st.SearchStrategy[Any], odd: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    """`usual` nine times in ten, `odd` otherwise (``|`` would pick each half the time,
+    and so a well-formed description, several levels down, almost never)."""
+    return st.integers(0, 9).flatmap(lambda i: odd if i == 5 else usual)
+
+
 def descriptions(pool_size: int) -> st.SearchStrategy[Any]:
-    """Descriptions near the real ones (so that checks deep inside are reached), mixed
-    with anything JSON. Fds are indexes into the pool (``("pool", i)``), numbers that are
-    surely not open, or junk."""
+    """Descriptions near the real ones (so that checks deep inside are reached), with
+    anything JSON here and there. Fds are indexes into the pool (``("pool", i)``),
+    numbers that are surely not open, or junk."""
     anything = json_values()
-    fd = (
-        st.tuples(st.just("pool"), st.integers(0, pool_size - 1))
-        | st.integers(100_000, 2**40)
-        | st.integers(-(2**40), -1)
-        | anything
+    fd = mostly(
+        st.tuples(st.just("pool"), st.integers(0, pool_size - 1)),
+        st.integers(100_000, 2**40) | st.integers(-(2**40), -1) | anything,
     )
-    fd_keys = st.sampled_from(["me", "them", "pipe_w", "pipe_r", "count", "all", "memfd"])
-    sizes = st.sampled_from([0, 8, 16, 24, 4096, 2**62]) | anything
-    states: st.SearchStrategy[Any] = (
-        st.fixed_dictionaries({"role": st.sampled_from([None, "CHILD", "PARENT"]) | anything})
-        | st.fixed_dictionaries(
+
+    def right_kind(key: str) -> st.SearchStrategy[Any]:
+        """An fd of the kind `key` wants (mostly; the pool's kinds are in `Pool.KINDS`)."""
+        kinds = {"me": "eventfd", "them": "eventfd", "all": "eventfd", "count": "semaphore"}
+        wanted = kinds.get(key, key)
+        return mostly(st.sampled_from([("pool", i) for i in Pool.KINDS[wanted]]), fd)
+
+    size = mostly(st.sampled_from([0, 8, 16, 24, 40, 4096, 2**62]), anything)
+
+    def entry(type_: str, state: dict[str, Any], fds: list[str]) -> st.SearchStrategy[Any]:
+        return st.fixed_dictionaries(
             {
-                "format": st.sampled_from(["q", "qqd", "7q", "500q", "z", ""]) | anything,
-                "latch": st.booleans() | anything,
+                "type": mostly(st.just(type_), anything),
+                "state": mostly(
+                    st.fixed_dictionaries(state),
+                    st.dictionaries(st.text(max_size=6), anything, max_size=3) | anything,
+                ),
+                "fds": mostly(
+                    st.fixed_dictionaries(
+                        {key: right_kind(key) for key in fds},
+                        optional={"pipe_r": right_kind("pipe_r")} if type_ == "Barrier" else {},
+                    ),
+                    st.dictionaries(st.text(max_size=5), fd, max_size=4) | anything,
+                ),
             }
         )
-        | st.fixed_dictionaries({"offset": sizes, "size": sizes, "copies": sizes})
-        | st.just({})
-        | st.dictionaries(st.text(max_size=6), anything, max_size=3)
-        | anything
-    )
-    entry = (
-        st.fixed_dictionaries(
-            {
-                "type": st.sampled_from(["Barrier", "Completion", "SeqCount", "SeqRecord"])
-                | anything,
-                "state": states,
-                "fds": st.dictionaries(fd_keys | st.text(max_size=5), fd, max_size=5) | anything,
-            }
+
+    entries = mostly(
+        entry(
+            "Barrier",
+            {"role": mostly(st.just("CHILD"), st.none() | anything)},
+            ["me", "them", "pipe_w"],
         )
-        | anything
+        | entry("Completion", {}, ["count", "all"])
+        | entry("SeqCount", {"offset": size, "size": size, "copies": size}, ["memfd"])
+        | entry(
+            "SeqRecord",
+            {
+                "format": mostly(st.sampled_from(["q", "qqd", "7q", "500q", "z", ""]), anything),
+                "latch": mostly(st.booleans(), anything),
+            },
+            ["memfd"],
+        ),
+        anything,
     )
     envelope = st.fixed_dictionaries(
         {
-            "aiosync": st.just(1) | anything,
-            "objects": st.dictionaries(st.text(max_size=6), entry, max_size=3) | anything,
+            "aiosync": mostly(st.just(1), anything),
+            "objects": mostly(
+                st.dictionaries(st.text(max_size=6), entries, min_size=1, max_size=3), anything
+            ),
         }
     )
-    return envelope | anything
+    return mostly(envelope, anything)
 
 
 def resolve(value: Any, fds: list[int]) -> Any:
@@ -772,9 +810,11 @@ def test_any_description_gives_objects_or_a_sharing_error(
         description = resolve(data.draw(descriptions(len(pool.fds)), label="description"), pool.fds)
         try:
             objects = isolated_env(description)
-        except SharingError:
+        except SharingError as exc:
+            event("refused: " + str(exc).split(": ")[-1][:20])
             adopted: set[int] = set()  # all or nothing: nothing
         else:
+            event(f"built {len(objects)}")
             adopted = named_fds(description)
             assert adopted <= set(pool.fds)  # the other numbers are not open
             close_all(objects)
