@@ -93,6 +93,38 @@ def doc(**entries: object) -> dict[str, object]:
     return {"aiosync": 1, "objects": entries}
 
 
+def record_entry(memfd: int, format: str = "qqd", *, latch: bool = False) -> dict[str, Any]:
+    return {
+        "type": "SeqRecord",
+        "state": {"format": format, "latch": latch},
+        "fds": {"memfd": memfd},
+    }
+
+
+def seqcount_entry(memfd: int, offset: int = 0, size: int = 24, copies: int = 1) -> dict[str, Any]:
+    state = {"offset": offset, "size": size, "copies": copies}
+    return {"type": "SeqCount", "state": state, "fds": {"memfd": memfd}}
+
+
+def refused_untouched(
+    inherit: Callable[[object], object], description: object, match: str, *fds: int
+) -> None:
+    """`inherit(description)` raises SharingError matching `match`, and leaves `fds`
+    exactly as they were."""
+    before = [fd_state(fd) for fd in fds]
+    with pytest.raises(SharingError, match=match):
+        inherit(description)
+    assert [fd_state(fd) for fd in fds] == before
+
+
+def join(p: Any) -> None:
+    """Join a multiprocessing child; kill it if it is still running after SOON."""
+    p.join(SOON)
+    if p.exitcode is None:  # pragma: no cover - only if the test failed
+        p.kill()
+        p.join()
+
+
 def close_all(objects: dict[str, object]) -> None:
     for obj in objects.values():
         obj.close()  # type: ignore[attr-defined]
@@ -183,15 +215,8 @@ def test_a_memfd_sealed_against_writing_is_refused_untouched(
 ) -> None:
     fd = spoil(sealed_memfd(4096, seal))
     try:
-        before = fd_state(fd)
-        if type_ == "SeqRecord":
-            state: dict[str, object] = {"format": "qqd", "latch": False}
-        else:
-            state = {"offset": 0, "size": 0, "copies": 0}
-        entry = {"type": type_, "state": state, "fds": {"memfd": fd}}
-        with pytest.raises(SharingError, match=f"memfd {fd} is sealed against writing"):
-            isolated_env(doc(cfg=entry))
-        assert fd_state(fd) == before
+        entry = record_entry(fd) if type_ == "SeqRecord" else seqcount_entry(fd, 0, 0, 0)
+        refused_untouched(isolated_env, doc(cfg=entry), f"memfd {fd} is sealed against", fd)
     finally:
         os.close(fd)
 
@@ -205,13 +230,7 @@ def test_a_file_named_like_a_memfd_is_not_one(
     path.write_bytes(bytes(4096))
     fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     try:
-        entry = {
-            "type": "SeqRecord",
-            "state": {"format": "q", "latch": False},
-            "fds": {"memfd": fd},
-        }
-        with pytest.raises(SharingError, match=f"fd {fd} should be a memfd"):
-            isolated_env(doc(cfg=entry))
+        refused_untouched(isolated_env, doc(cfg=record_entry(fd)), f"fd {fd} should be a memfd", fd)
     finally:
         os.close(fd)
 
@@ -239,15 +258,11 @@ def test_the_applications_fds_survive_a_bad_second_entry(
     count = spoil(os.eventfd(0, os.EFD_SEMAPHORE))
     all_ = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)  # flags of our own, too
     try:
-        before = [fd_state(count), fd_state(all_)]
         first = {"type": "Completion", "state": {}, "fds": {"count": count, "all": all_}}
-        with pytest.raises(SharingError, match=r"'second'|second:"):
-            isolated_env(doc(first=first, second=bad))
-        assert [fd_state(count), fd_state(all_)] == before
+        description = doc(first=first, second=bad)
+        refused_untouched(isolated_env, description, r"'second'|second:", count, all_)
         assert ENV_VAR in os.environ  # nothing was taken: a second call fails the same way
-        with pytest.raises(SharingError, match=r"'second'|second:"):
-            aiosync.inherited()
-        assert [fd_state(count), fd_state(all_)] == before
+        refused_untouched(lambda _: aiosync.inherited(), None, r"'second'|second:", count, all_)
     finally:
         os.close(count)
         os.close(all_)
@@ -373,26 +388,27 @@ def test_a_record_and_its_seqcount_go_to_a_multiprocessing_child(
         record.write(41)
         p = ctx.Process(target=mp_pair_child, args=(*pair(record, order).values(), kind))
         p.start()  # used to fail: "bad value(s) in fds_to_keep" (the memfd twice)
-        p.join(SOON)
-        if p.exitcode is None:  # pragma: no cover - only if the test failed
-            p.kill()
-            p.join()
+        join(p)
         assert p.exitcode == 0
         assert record.read_nowait() == (42,)
         assert record.seqcount.read_any() == 4
 
 
+@pytest.fixture
+def memfd(record: SeqRecord) -> Iterator[int]:
+    """A duplicate of `record`'s memfd, inheritable and blocking (as a parent may leave
+    it), closed afterwards unless something adopted (and closed) it."""
+    fd = spoil(os.dup(record._memory.fd))
+    yield fd
+    if is_open(fd):
+        os.close(fd)
+
+
 @pytest.mark.parametrize("order", ORDERS)
 def test_one_memfd_for_a_record_and_its_seqcount_is_adopted_once(
-    isolated_env: Callable[[object], dict[str, object]], record: SeqRecord, order: str
+    isolated_env: Callable[[object], dict[str, object]], record: SeqRecord, memfd: int, order: str
 ) -> None:
-    memfd = spoil(os.dup(record._memory.fd))
-    rec = {"type": "SeqRecord", "state": {"format": "qqd", "latch": False}, "fds": {"memfd": memfd}}
-    sc = {
-        "type": "SeqCount",
-        "state": {"offset": 0, "size": 24, "copies": 1},
-        "fds": {"memfd": memfd},
-    }
+    rec, sc = record_entry(memfd), seqcount_entry(memfd)
     entries = {"rec": rec, "sc": sc} if order == "record-first" else {"sc": sc, "rec": rec}
     objects = isolated_env(doc(**entries))
     twin = objects["rec"]
@@ -419,45 +435,18 @@ def test_one_memfd_for_a_record_and_its_seqcount_is_adopted_once(
     ids=["two-records", "record-other-layout", "seqcount-other-size", "bare-seqcount", "offset"],
 )
 def test_only_a_record_and_its_own_seqcount_may_name_one_memfd(
-    isolated_env: Callable[[object], dict[str, object]],
-    record: SeqRecord,
-    second: dict[str, Any],
+    isolated_env: Callable[[object], dict[str, object]], memfd: int, second: dict[str, Any]
 ) -> None:
-    memfd = spoil(os.dup(record._memory.fd))
-    try:
-        before = fd_state(memfd)
-        rec = {
-            "type": "SeqRecord",
-            "state": {"format": "qqd", "latch": False},
-            "fds": {"memfd": memfd},
-        }
-        other = {**second, "fds": {"memfd": memfd}}
-        with pytest.raises(SharingError, match=f"'other': fd {memfd} is claimed twice"):
-            isolated_env(doc(rec=rec, other=other))
-        assert fd_state(memfd) == before
-    finally:
-        os.close(memfd)
+    description = doc(rec=record_entry(memfd), other={**second, "fds": {"memfd": memfd}})
+    refused_untouched(isolated_env, description, f"'other': fd {memfd} is claimed twice", memfd)
 
 
 def test_a_record_seqcount_and_another_seqcount_on_one_memfd(
-    isolated_env: Callable[[object], dict[str, object]], record: SeqRecord
+    isolated_env: Callable[[object], dict[str, object]], memfd: int
 ) -> None:
-    memfd = spoil(os.dup(record._memory.fd))
-    try:
-        rec = {
-            "type": "SeqRecord",
-            "state": {"format": "qqd", "latch": False},
-            "fds": {"memfd": memfd},
-        }
-        sc = {
-            "type": "SeqCount",
-            "state": {"offset": 0, "size": 24, "copies": 1},
-            "fds": {"memfd": memfd},
-        }
-        with pytest.raises(SharingError, match=f"'again': fd {memfd} is claimed twice"):
-            isolated_env(doc(rec=rec, sc=sc, again=sc))
-    finally:
-        os.close(memfd)
+    sc = seqcount_entry(memfd)
+    description = doc(rec=record_entry(memfd), sc=sc, again=sc)
+    refused_untouched(isolated_env, description, f"'again': fd {memfd} is claimed twice", memfd)
 
 
 # ---------------------------------------------------------------------------------------
@@ -518,10 +507,7 @@ def test_a_barrier_goes_to_one_multiprocessing_child(kind: str, method: str) -> 
             b.set_role(Role.PARENT)
             run_on(kind, sync_once(b))
         finally:
-            first.join(SOON)
-            if first.exitcode is None:  # pragma: no cover - only if the test failed
-                first.kill()
-                first.join()
+            join(first)
         assert first.exitcode == 0
 
 
@@ -539,10 +525,7 @@ def test_a_start_that_failed_hands_nothing_out(kind: str) -> None:
             b.set_role(Role.PARENT)
             run_on(kind, sync_once(b))
         finally:
-            good.join(SOON)
-            if good.exitcode is None:  # pragma: no cover - only if the test failed
-                good.kill()
-                good.join()
+            join(good)
         assert good.exitcode == 0
 
 
