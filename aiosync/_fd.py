@@ -188,7 +188,7 @@ def check(fd: object, kind: FdKind, *, name: str) -> int:
             raise SharingError(f"{name}: memfd {fd} is not open for reading and writing")
         try:
             seals = _seals(fd)
-        except OSError:  # only memfds (and tmpfs files) have seals
+        except OSError:  # EINVAL: a file that cannot have seals is no memfd
             raise SharingError(f"{name}: fd {fd} should be a memfd but is {target!r}") from None
         if seals & _WRITE_SEALS:  # mapping it writable would fail (EPERM)
             raise SharingError(f"{name}: memfd {fd} is sealed against writing")

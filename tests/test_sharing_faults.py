@@ -224,8 +224,7 @@ def test_a_memfd_sealed_against_writing_is_refused_untouched(
 def test_a_file_named_like_a_memfd_is_not_one(
     isolated_env: Callable[[object], dict[str, object]], tmp_path: Any
 ) -> None:
-    """A regular file whose path starts like a memfd's: not a memfd (and asking it for
-    its seals must not escape as OSError)."""
+    """A regular file whose name looks like a memfd's is not one."""
     path = tmp_path / "memfd:x"
     path.write_bytes(bytes(4096))
     fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
