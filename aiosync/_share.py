@@ -10,11 +10,12 @@ and describes them in one environment variable, ``AIOSYNC_SHARED``: JSON of the 
 so that the child's own children do not mistake it for theirs.
 
 The description is untrusted, and the fds it names may be the application's own, so
-`inherited()` works in two phases (docs/design.md §7: sharing is all or nothing). First it checks every entry (fields, types, and each
-fd: open, of the kind its type says, not claimed twice) without changing anything.
-Only if every entry passes does it adopt them: each fd is made ours (close-on-exec,
-non-blocking) and the objects are built. Anything wrong is a `SharingError` naming the
-entry, and an fd that was not adopted is left exactly as it was.
+sharing is all or nothing (docs/design.md §7) and `inherited()` works in two phases.
+First it checks every entry (fields, types, and each fd: open, of the kind its type
+says, not claimed twice) without changing anything. Only if every entry passes does it
+adopt them: each fd is made ours (close-on-exec, non-blocking) and the objects are
+built. Anything wrong is a `SharingError` naming the entry, and an fd that was not
+adopted is left exactly as it was.
 
 Each shareable type (registered with `shareable`) provides:
 
