@@ -494,9 +494,9 @@ def test_a_barrier_goes_to_one_multiprocessing_child(kind: str, method: str) -> 
     ctx: Any = multiprocessing.get_context(method)
     with Barrier() as b:
         first = ctx.Process(target=mp_barrier_child, args=(b, kind))
+        second = ctx.Process(target=mp_barrier_child, args=(b, kind))
         first.start()
         try:
-            second = ctx.Process(target=mp_barrier_child, args=(b, kind))
             handed = f"already handed to the child process {first.pid}"
             with pytest.raises(SharingError, match=handed):
                 second.start()
@@ -506,6 +506,9 @@ def test_a_barrier_goes_to_one_multiprocessing_child(kind: str, method: str) -> 
             b.set_role(Role.PARENT)
             run_on(kind, sync_once(b))
         finally:
+            if second.pid is not None:  # pragma: no cover - only if the test failed
+                second.kill()
+                join(second)
             join(first)
         assert first.exitcode == 0
 
@@ -538,13 +541,19 @@ assert b.place_and_sync_blocking(timeout=10) is True
 async def test_a_barrier_goes_to_one_exec_child() -> None:
     with Barrier() as b:
         proc = await aiosync.create_subprocess_exec(PYTHON, "-c", SYNC_CHILD, share={"gate": b})
-        await refused_before_start({"gate": b}, f"already handed to the child process {proc.pid}")
-        ctx: Any = multiprocessing.get_context("spawn")
-        p = ctx.Process(target=mp_barrier_child, args=(b, loop_kind()))
-        with pytest.raises(SharingError, match=f"child process {proc.pid}"):
-            p.start()
-        await sync_once(b)
-        assert await soon(proc.wait()) == 0
+        try:
+            handed = f"already handed to the child process {proc.pid}"
+            await refused_before_start({"gate": b}, handed)
+            ctx: Any = multiprocessing.get_context("spawn")
+            p = ctx.Process(target=mp_barrier_child, args=(b, loop_kind()))
+            with pytest.raises(SharingError, match=handed):
+                p.start()
+            await sync_once(b)
+            assert await soon(proc.wait()) == 0
+        finally:
+            if proc.returncode is None:  # pragma: no cover - only if the test failed
+                proc.kill()
+                await proc.wait()
 
 
 # ---------------------------------------------------------------------------------------
