@@ -712,28 +712,31 @@ class SeqRecord(_seqc.Record, Resource):
         if not isinstance(latch, bool):
             raise TypeError(f"latch must be True or False, not {latch!r}")
         memory = _Memfd.create(_record_bytes(compiled.size, latch))
-        self._set_up(memory, format, compiled, latch)
-
-    def _set_up(self, memory: _Memfd, format: str, compiled: struct.Struct, latch: bool) -> None:
         try:
-            _seqc.Record.__init__(
-                self,
-                memory.map,
-                0,
-                compiled.size,
-                2 if latch else 1,
-                compiled.unpack,
-                compiled.pack_into,
-            )
+            self._set_up(memory, format, compiled, latch)
         except BaseException:
             memory.close()
             raise
+
+    def _set_up(self, memory: _Memfd, format: str, compiled: struct.Struct, latch: bool) -> None:
+        """Build the record over `memory`. If that fails, nothing uses `memory` and it is
+        the caller's to close (or to keep: it may be a received fd, not yet adopted)."""
+        nvalues = len(compiled.unpack(bytes(compiled.size)))  # MemoryError for a huge one
+        _seqc.Record.__init__(
+            self,
+            memory.map,
+            0,
+            compiled.size,
+            2 if latch else 1,
+            compiled.unpack,
+            compiled.pack_into,
+        )
         self._memory = memory
         self._format = format
         self._size = compiled.size
         self._latch = latch
         self._pack = compiled.pack
-        self._nvalues = len(compiled.unpack(bytes(compiled.size)))
+        self._nvalues = nvalues
         self._view = None
         self._closed = False
 
@@ -903,7 +906,11 @@ class SeqRecord(_seqc.Record, Resource):
             partner = _received_over(fd)
             if partner is None:
                 memory = _Memfd(fd, needed)  # maps it; nothing about the fd changes
-                self._set_up(memory, format, compiled, latch)
+                try:
+                    self._set_up(memory, format, compiled, latch)
+                except BaseException:
+                    memory.map.close()  # and the fd stays as it was
+                    raise
                 _fd.own(fd)
             elif (
                 isinstance(partner, SeqCount)

@@ -62,10 +62,10 @@ FORMAT = 1
 class Adoption:
     """An entry of a description that passed every check: how to adopt it.
 
-    ``adopt()`` makes `fds` ours and builds the object. It may fail only with `OSError`
-    or `SharingError`, and then before it changed any fd. `memory` is set by types over
-    shared memory: two entries may name the same fd if they are of different types over
-    the same memory (a SeqRecord and its seqcount).
+    ``adopt()`` makes `fds` ours and builds the object. It may fail only with `OSError`,
+    `MemoryError` or `SharingError`, and then before it changed any fd. `memory` is set
+    by types over shared memory: two entries may name the same fd if they are of
+    different types over the same memory (a SeqRecord and its seqcount).
     """
 
     __slots__ = ("adopt", "fds", "memory", "type")
@@ -344,11 +344,14 @@ def _parse(text: str) -> dict[str, Any]:
 
 def adopt(adoption: Adoption, name: str) -> Resource:
     """Phase two for one entry: adopt its fds and build it (`SharingError` if the kernel
-    refuses, e.g. to map the memory; the entry's fds are then unchanged)."""
+    refuses, e.g. to map the memory, or the object is too large for this process; the
+    entry's fds are then unchanged)."""
     try:
         return adoption.adopt()
     except OSError as exc:
         raise invalid(name, f"cannot adopt its fds: {exc.strerror or exc}") from exc
+    except MemoryError:
+        raise invalid(name, "cannot adopt its fds: too large for this process") from None
 
 
 # ---------------------------------------------------------------------------------------

@@ -292,13 +292,15 @@ def test_a_good_description_adopts_every_fd(
         assert not is_open(fd)
 
 
-@pytest.mark.parametrize("type_", ["SeqCount", "SeqRecord"])
-def test_the_kernel_refusing_a_mapping_is_a_sharing_error(
+@pytest.mark.parametrize("type_", ["SeqCount", "SeqRecord", "huge SeqRecord"])
+def test_adopting_what_this_process_cannot_hold_is_a_sharing_error(
     isolated_env: Callable[[object], dict[str, object]], type_: str
 ) -> None:
     """Phase two can still fail: a memfd of 2**62 bytes passes every check, but no
-    process can map that much. SharingError naming the entry; the entries adopted before
-    it are closed (their fds were adopted), and the memfd is exactly as it was."""
+    process can map that much; a record of 2**46 bytes may be mapped, but its values
+    cannot be counted in memory (half the address space each). SharingError naming the
+    entry; the entries adopted before it are closed (their fds were adopted), and the
+    memfd is exactly as it was."""
     big = spoil(os.memfd_create("big", os.MFD_CLOEXEC))
     count = spoil(os.eventfd(0, os.EFD_SEMAPHORE))
     all_ = spoil(os.eventfd(0))
@@ -306,11 +308,13 @@ def test_the_kernel_refusing_a_mapping_is_a_sharing_error(
         os.ftruncate(big, 2**62)  # sparse: costs nothing
         if type_ == "SeqCount":
             entry = seqcount_entry(big, offset=2**62 - 16, size=0, copies=0)
-        else:
+        elif type_ == "SeqRecord":
             entry = record_entry(big, f"{2**62 - 16}x")
+        else:
+            entry = record_entry(big, f"{2**46}x")
         first = {"type": "Completion", "state": {}, "fds": {"count": count, "all": all_}}
         description = doc(first=first, big=entry)
-        refused_untouched(isolated_env, description, "'big': cannot adopt its fds", big)
+        refused_untouched(isolated_env, description, "'big': cannot adopt its fds: ", big)
         assert not is_open(count)
         assert not is_open(all_)
     finally:
