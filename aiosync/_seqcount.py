@@ -590,10 +590,14 @@ class SeqCount(_seqc.Counter, Resource):
         for key, value in state.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise _share.invalid(name, f"bad {key} {_share.show(value)}")
+        layout = f"offset {_share.show(offset)}, size {_share.show(size)}, {_share.show(copies)}"
         if offset % 8 or copies > 2 or (copies == 0) != (size == 0):
-            raise _share.invalid(name, f"bad layout (offset {offset}, size {size}, {copies})")
+            raise _share.invalid(name, f"bad layout ({layout})")
         fd = _fd.check(fds["memfd"], "memfd", name=name)
-        needed = offset + _seqc.span(size, copies)
+        try:
+            needed = offset + _seqc.span(size, copies)
+        except OverflowError:
+            raise _share.invalid(name, f"bad layout ({layout}): too large") from None
         have = _fd.file_size(fd)
         if have < needed:
             raise _share.invalid(name, f"memfd {fd} holds {have} bytes, {needed} are needed")
@@ -894,7 +898,10 @@ class SeqRecord(_seqc.Record, Resource):
         except (TypeError, ValueError) as exc:
             raise _share.invalid(name, _share.show(str(exc))) from None
         fd = _fd.check(fds["memfd"], "memfd", name=name)
-        needed = _record_bytes(compiled.size, latch)
+        try:
+            needed = _record_bytes(compiled.size, latch)
+        except OverflowError:
+            raise _share.invalid(name, f"the record {_share.show(format)} is too large") from None
         have = _fd.file_size(fd)
         if have < needed:
             raise _share.invalid(name, f"memfd {fd} holds {have} bytes, {needed} are needed")

@@ -172,6 +172,24 @@ def test_deep_values_are_shown_briefly(
     assert len(str(info.value)) < 500
 
 
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {"type": "SeqCount", "state": {"offset": 0, "size": 2**70, "copies": 1}},
+        {"type": "SeqCount", "state": {"offset": 0, "size": 2**62, "copies": 2}},
+        {"type": "SeqCount", "state": {"offset": 2**70, "size": 8, "copies": 1}},
+        {"type": "SeqRecord", "state": {"format": f"{2**62}x", "latch": False}},
+        {"type": "SeqRecord", "state": {"format": f"{2**70}x", "latch": True}},
+    ],
+    ids=["size", "latch-size", "offset", "record", "record-overflow"],
+)
+def test_layouts_too_large_for_any_memory(
+    isolated_env: Callable[[object], dict[str, object]], memfd: int, entry: dict[str, Any]
+) -> None:
+    description = doc(cfg={**entry, "fds": {"memfd": memfd}})
+    refused_untouched(isolated_env, description, "'cfg': .*(too large|too long|are needed)", memfd)
+
+
 @pytest.mark.parametrize("type_", [["Barrier"], {"Barrier": 1}, 7, None, True])
 def test_a_type_that_is_not_a_string(
     isolated_env: Callable[[object], dict[str, object]], type_: object
@@ -296,8 +314,8 @@ def test_a_good_description_adopts_every_fd(
 def test_adopting_what_this_process_cannot_hold_is_a_sharing_error(
     isolated_env: Callable[[object], dict[str, object]], type_: str
 ) -> None:
-    """Phase two can still fail: a memfd of 2**62 bytes passes every check, but no
-    process can map that much; a record of 2**46 bytes may be mapped, but its values
+    """Phase two can still fail: a memfd of 2**61 or 2**62 bytes passes every check, but
+    no process can map that much; a record of 2**46 bytes may be mapped, but its values
     cannot be counted in memory (half the address space each). SharingError naming the
     entry; the entries adopted before it are closed (their fds were adopted), and the
     memfd is exactly as it was."""
@@ -309,7 +327,7 @@ def test_adopting_what_this_process_cannot_hold_is_a_sharing_error(
         if type_ == "SeqCount":
             entry = seqcount_entry(big, offset=2**62 - 16, size=0, copies=0)
         elif type_ == "SeqRecord":
-            entry = record_entry(big, f"{2**62 - 16}x")
+            entry = record_entry(big, f"{2**61}x")
         else:
             entry = record_entry(big, f"{2**46}x")
         first = {"type": "Completion", "state": {}, "fds": {"count": count, "all": all_}}
