@@ -178,15 +178,19 @@ class Completion(Resource):
         Raises:
             ClosedResourceError: the completion was closed, before or during the wait.
         """
-        await self._waitq.wait_turn(None, self._take)
+        queue = self._waitq
+        # The fast path, without a lock or a loop round trip: nobody of this process is
+        # in line (pending, or woken and not run yet) and a count is there.
+        if not (queue.waiting or queue.turns) and self.try_wait():
+            return
+        await queue.wait_turn(None, self._take)
 
-    def _take(self, ring: Ring | None) -> bool:
-        """A waiter's turn (lock held): take a count, or pass while all are done."""
+    def _take(self, ring: Ring) -> bool:
+        """A woken waiter's turn (lock held): take a count, or pass while all are done."""
         if ring is Ring.ALL:
             return True
-        if ring is Ring.TURN:  # woken by `count`: most likely there, so read first
-            return _fd.read_eventfd(self._count) != 0 or self._poll()[0]
-        return self.try_wait()
+        # Woken by `count`: most likely there, so read first.
+        return _fd.read_eventfd(self._count) != 0 or self._poll()[0]
 
     def wait_blocking(self, timeout: float | None = None) -> bool:
         """`wait()` for code without a running loop: block this thread until it takes one.

@@ -120,13 +120,6 @@ def wait_readable(fds: Iterable[int], timeout: float | None) -> bool:
     return bool(poller.poll(ms))
 
 
-def readable(fd: int) -> bool:
-    """Whether `fd` is readable right now (a zero-timeout poll; nothing is read)."""
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    return bool(poller.poll(0))
-
-
 def eventfd_value(fd: int) -> int:
     """An eventfd's current value, read from /proc without consuming it (for repr)."""
     return int(_fdinfo(fd).get("eventfd-count", "0"), 16)

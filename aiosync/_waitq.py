@@ -56,6 +56,7 @@ from __future__ import annotations
 import asyncio
 import asyncio.selector_events
 import os
+import select
 import threading
 import weakref
 from collections import deque
@@ -96,7 +97,18 @@ class Waiter(Generic[C, R]):
 
     def release(self, result: R) -> None:
         """Hand `result` to this pending waiter (from any thread; lock held)."""
-        self._resolve(_set_result, result)
+        slot = self.slot
+        if slot.thread != threading.get_ident():
+            self._resolve(_set_result, result)
+            return
+        # _resolve, inlined for the waiter's own thread: this runs once per wait.
+        self.state = RELEASED
+        slot.live -= 1
+        slot.queue.waiting -= 1
+        try:
+            self.future.set_result(result)
+        except RuntimeError:  # its loop was closed: nobody will ever take it
+            self.state = ABANDONED
 
     def fail(self, exc: BaseException) -> None:
         """Raise `exc` in this pending waiter (from any thread; lock held)."""
@@ -124,6 +136,7 @@ class Waiter(Generic[C, R]):
             slot.queue.waiting -= 1
         if slot.woken is self:  # woken for a turn it will not take: took nothing
             slot.woken = None
+            slot.queue.turns -= 1
 
     @property
     def alive(self) -> bool:
@@ -147,6 +160,7 @@ class LoopSlot(Generic[C, R]):
     __slots__ = (
         "live",
         "loop",
+        "pollers",
         "queue",
         "registered",
         "stale",
@@ -169,6 +183,7 @@ class LoopSlot(Generic[C, R]):
         # report what that waiter has since taken. uvloop runs fd callbacks first.
         self.stale_events = isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop)
         self.stale = False  # a woken waiter took its turn since the last event
+        self.pollers: dict[int, select.poll] = {}  # fd -> a kept poll object, for `stale`
 
 
 _queues: weakref.WeakSet[WaitQueue[Any, Any]] = weakref.WeakSet()
@@ -195,7 +210,11 @@ def _dispatch(
             # The first event after a woken waiter took its turn may report what it
             # took: ringing for it would wake the next waiter for nothing.
             slot.stale = False
-            if not _fd.readable(fd):
+            poller = slot.pollers.get(fd)
+            if poller is None:  # kept: building one costs as much as the poll itself
+                poller = slot.pollers[fd] = select.poll()
+                poller.register(fd, select.POLLIN)
+            if not poller.poll(0):
                 return
         if not slot.live or queue.first(slot) is None:
             # Nobody of this loop waits (a waiter whose task was cancelled but has not
@@ -225,6 +244,7 @@ class WaitQueue(Generic[C, R]):
         "_slots",
         "blockers",
         "lock",
+        "turns",
         "waiting",
     )
 
@@ -239,6 +259,7 @@ class WaitQueue(Generic[C, R]):
         self._slots: dict[asyncio.AbstractEventLoop, LoopSlot[C, R]] = {}
         self._closed = False
         self.waiting = 0  # pending waiters over all loops
+        self.turns = 0  # waiters woken for their turn that have not run yet, all loops
         self.blockers: dict[int, int] = {}  # thread -> wake eventfd of its blocking wait
         _queues.add(self)
 
@@ -264,7 +285,10 @@ class WaitQueue(Generic[C, R]):
         slot = self._slots.get(loop)
         if slot is None:
             slot = self._new_slot(loop)
-        waiter: Waiter[C, R] = Waiter(loop.create_future(), cond, slot)
+        return self._park(slot, cond)
+
+    def _park(self, slot: LoopSlot[C, R], cond: C) -> Waiter[C, R]:
+        waiter: Waiter[C, R] = Waiter(slot.loop.create_future(), cond, slot)
         slot.waiters.append(waiter)
         slot.live += 1
         self.waiting += 1
@@ -287,24 +311,19 @@ class WaitQueue(Generic[C, R]):
             if waiter.state == ABANDONED:
                 self._compact(waiter.slot)
 
-    async def wait_turn(self, cond: C, take: Callable[[R | None], bool]) -> None:
-        """Wait until `take` succeeds in this task, taking turns with this loop's waiters.
+    async def wait_turn(self, cond: C, take: Callable[[R], bool]) -> None:
+        """Wait in line until `take` succeeds in this task.
 
-        ``take(None)`` is tried first, unless waiters of this loop are ahead (they are
-        served oldest first). Otherwise a waiter is parked; each time a ring wakes it,
-        ``take(result)`` runs in this task with the lock held; if it finds nothing, the
-        waiter waits again at the head of its loop's queue. On cancellation nothing is
-        left behind, and nothing was taken.
+        The caller has tried its fast path already (a take when nobody of this process
+        is in line: ``waiting`` and ``turns`` both 0). This parks a waiter at the end of
+        its loop's line; each time a ring wakes it, ``take(result)`` runs in this task
+        with the lock held; if it finds nothing, the waiter waits again at the head of
+        the line. On cancellation nothing is left behind, and nothing was taken.
         """
-        loop = asyncio.get_running_loop()
         with self.lock:
-            if self._closed:
-                raise self._closed_error()
-            slot = self._slots.get(loop)
-            if (slot is None or (not slot.live and slot.woken is None)) and take(None):
-                return
             waiter = self.park(cond)
         slot = waiter.slot
+        loop = slot.loop
         while True:
             try:
                 result = await waiter.future
@@ -314,6 +333,7 @@ class WaitQueue(Generic[C, R]):
             with self.lock:
                 if slot.woken is waiter:
                     slot.woken = None
+                    self.turns -= 1
                 if self._closed:
                     raise self._closed_error()
                 if take(result):
@@ -366,9 +386,11 @@ class WaitQueue(Generic[C, R]):
         if slot.woken is None and (waiter := self.first(slot)) is not None:
             slot.waiters.popleft()
             slot.woken = waiter
+            self.turns += 1
             waiter.release(result)
             if waiter.state == ABANDONED:  # its loop is closed
                 slot.woken = None
+                self.turns -= 1
 
     def reregister(self, slot: LoopSlot[C, R]) -> None:
         """Register `slot`'s fds afresh (in its loop's thread, lock held).
@@ -434,7 +456,9 @@ class WaitQueue(Generic[C, R]):
         # Forget loops that were closed since (e.g. an earlier asyncio.run()); closing a
         # loop drops its registrations with it.
         for old in [old for old in self._slots if old.is_closed()]:
-            self.waiting -= self._slots.pop(old).live
+            dead = self._slots.pop(old)
+            self.waiting -= dead.live
+            self.turns -= dead.woken is not None
         slot: LoopSlot[C, R] = LoopSlot(self, loop)
         self._slots[loop] = slot
         return slot
@@ -483,7 +507,7 @@ class WaitQueue(Generic[C, R]):
                 else:
                     remote.append(slot)
             self._slots = {}
-            self.waiting = 0
+            self.waiting = self.turns = 0
         if not remote:
             for fd in fds:
                 _fd.close(fd)
@@ -505,7 +529,7 @@ class WaitQueue(Generic[C, R]):
     def _after_fork(self) -> None:
         self.lock = threading.RLock()
         self._slots = {}
-        self.waiting = 0
+        self.waiting = self.turns = 0
         for wake in self.blockers.values():  # the parent's threads are not here
             _fd.close(wake)
         self.blockers = {}
