@@ -260,17 +260,25 @@ class ForkError(RuntimeError):
     """The harness could not (or would not) fork; no child is left behind."""
 
 
-def other_threads() -> list[str]:
-    """The threads of this process other than the calling one, by name ([] if none).
+def other_threads(*, seconds: float = SOON) -> list[str]:
+    """The threads of this process other than the calling one that are still running
+    after `seconds`, by name ([] if none).
 
-    A thread that Python already joined can still be leaving the kernel for a moment;
-    that one is waited for (bounded), since the kernel's count is what fork() checks.
+    A thread that is ending is waited for: one that delivered its result a moment ago
+    (3.11's asyncio starts a thread per child process to wait for it), or one that
+    Python joined but that is still leaving the kernel (the kernel's count is what
+    fork() checks).
     """
+    deadline = time.monotonic() + seconds
     me = threading.current_thread()
-    alive = [t.name for t in threading.enumerate() if t is not me]
-    if alive:
+    for thread in threading.enumerate():
+        if thread is not me:
+            try:
+                thread.join(max(0.0, deadline - time.monotonic()))
+            except (AssertionError, RuntimeError):  # pragma: no cover - not joinable
+                pass  # (a thread started outside `threading`)
+    if alive := [t.name for t in threading.enumerate() if t is not me]:
         return alive
-    deadline = time.monotonic() + SOON
     while (tasks := len(os.listdir("/proc/self/task"))) > 1:
         if time.monotonic() > deadline:  # pragma: no cover - a thread Python does not know
             return [f"{tasks - 1} thread(s) unknown to the threading module"]
@@ -315,7 +323,7 @@ class Forked:
     """
 
     def __init__(self, fn: Callable[[], object]) -> None:
-        if others := other_threads():
+        if others := other_threads(seconds=1.0):
             raise ForkError(
                 f"refusing to fork with other threads alive: {others}; a forking test "
                 "must join its threads first (see tests/conftest.py)"
