@@ -31,7 +31,7 @@ test forks:
   matplotlib) starts a thread pool at import unless ``OPENBLAS_NUM_THREADS=1``.
 
 The one test that forks with a thread alive on purpose (a lock held at the fork, in
-test_waitqueue.py) marks itself with a warning filter.
+test_waitqueue.py) gets the one warning filter for it (`FORKS_WITH_A_THREAD`).
 """
 
 from __future__ import annotations
@@ -59,6 +59,20 @@ def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
 ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
     return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+
+
+# The tests that fork with a thread alive on purpose, and the warning that 3.12+ gives
+# them (3.15 raises it under `filterwarnings = error`).
+FORKS_WITH_A_THREAD = {"test_forked_child_forgets_the_parents_registrations"}
+FORK_WITH_THREADS_WARNING = (
+    r"ignore:This process \(pid=\d+\) is multi-threaded, use of fork\(\):DeprecationWarning"
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if isinstance(item, pytest.Function) and item.originalname in FORKS_WITH_A_THREAD:
+            item.add_marker(pytest.mark.filterwarnings(FORK_WITH_THREADS_WARNING))
 
 
 def pytest_configure(config: pytest.Config) -> None:

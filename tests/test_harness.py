@@ -22,6 +22,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import support
 from support import (
     SOON,
     Children,
@@ -124,25 +125,44 @@ def test_forks_from_a_single_threaded_process_only() -> None:
     assert Forked(lambda: "forked").join() == "forked"  # once the thread is gone
 
 
+def fork_then_raise() -> int:
+    """os.fork() as 3.15 behaves with a thread alive: the child exists, and the parent
+    gets the fork-with-threads DeprecationWarning as an error instead of the pid."""
+    pid = real_fork()
+    if pid:
+        raise DeprecationWarning("This process is multi-threaded, use of fork() ...")
+    return pid
+
+
+real_fork = os.fork
+
+
+@pytest.mark.parametrize("how", ["injected", "3.15"])
 def test_a_fork_that_fails_in_the_parent_leaves_no_child(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    how: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The child exists but the parent's fork() raises, and never learns the pid (what
-    3.15 does when it turns its fork-with-threads warning into an error)."""
-    real_fork = os.fork
+    """The child exists but the parent's fork() raises and never learns the pid. Either
+    injected (any version), or the real thing: 3.15 with a thread alive, the harness's
+    own refusal switched off."""
     marker = tmp_path / "ran"
-
-    def fork_then_raise() -> int:
-        pid = real_fork()
-        if pid:
-            raise DeprecationWarning("This process is multi-threaded, use of fork() ...")
-        return pid
-
     before = children()
-    monkeypatch.setattr(os, "fork", fork_then_raise)
-    with pytest.raises(ForkError, match="multi-threaded"):
-        Forked(marker.touch)
-    monkeypatch.undo()
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait, args=(SOON,))
+    if how == "injected":
+        monkeypatch.setattr(os, "fork", fork_then_raise)
+    elif sys.version_info < (3, 15):
+        pytest.skip("before 3.15, a fork with a thread alive only warns (and not as an error)")
+    else:
+        monkeypatch.setattr(support, "other_threads", lambda **_: [])
+        thread.start()
+    try:
+        with pytest.raises(ForkError, match="multi-threaded"):
+            Forked(marker.touch)
+    finally:
+        monkeypatch.undo()
+        stop.set()
+        if thread.is_alive():
+            thread.join()
     assert children() == before  # reaped
     assert not marker.exists()  # and it never ran the test's code
 
