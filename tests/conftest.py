@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import uvloop
-from support import SOON, other_threads, pair, soon, timeouts
+from support import LOOP_KINDS, SOON, other_threads, pair, soon, timeouts
 from support import fd_count as count_fds
 
 from aiosync import Barrier
@@ -106,7 +106,7 @@ def no_stray_threads() -> Iterator[None]:
     assert not (others := other_threads()), f"the test left threads running: {others}"
 
 
-@pytest.fixture(params=["asyncio", "uvloop"])
+@pytest.fixture(params=LOOP_KINDS)
 def kind(request: pytest.FixtureRequest) -> str:
     """For synchronous tests that run loops themselves (e.g. around a fork)."""
     return str(request.param)
