@@ -10,7 +10,7 @@ Stdlib only; run with any Python 3 (``python3 tests/support/matrix.py``). Interp
   through ``chroot`` with this checkout bind-mounted at the same path.
 
 Each gets its own venv in the checkout (``.venv-<origin>-<X.Y>``, with the package
-installed editable with its test extra), runs the plain pytest suite (no lint, no
+installed editable with its test and docs extras), runs the plain pytest suite (no lint, no
 docs), and prints one line: version, origin, passed/failed/skipped/errors, minutes.
 The full output is kept in ``.venv-<origin>-<X.Y>/pytest.log``. Exit status: 0 if every
 run passed.
@@ -167,7 +167,7 @@ def run_suite(interp: Interpreter) -> tuple[bool, str]:
         made = interp.run([*interp.command, "-m", "venv", str(interp.venv)])
         if made.returncode != 0:
             return False, f"venv failed: {made.stderr.strip().splitlines()[-1:]}"
-    installed = interp.run([venv_python, "-m", "pip", "install", "--quiet", "-e", ".[test]"])
+    installed = interp.run([venv_python, "-m", "pip", "install", "--quiet", "-e", ".[test,docs]"])
     if installed.returncode != 0:
         log_path.write_text(installed.stdout + installed.stderr)
         return False, f"install failed (see {log_path.relative_to(REPO)})"
