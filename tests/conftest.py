@@ -18,13 +18,20 @@ test forks:
   (``timeout_method = "signal"`` in pyproject.toml, our hook implements it). Its
   exception is a ``SystemExit``, which both loops let out of a callback, so a test
   hung in its loop and a callback stuck in the loop both end as that test's failure.
-  (A ``faulthandler.dump_traceback_later`` guard would not do: it is a thread too.)
+  pytest-timeout's own signal method would not do: both loops catch and log its
+  exception when it lands in a callback, and on uvloop even a test idly waiting in
+  its loop never ends. Nor would ``faulthandler.dump_traceback_later``: it is a
+  thread too.
 * A second line of defence that is not a thread either: a watchdog *process*, started
   by ``subprocess`` when the session starts, ends the test process and its children if
   a test outlives its timeout by `support.timeouts.GRACE` seconds (a loop stuck in C,
   SIGALRM blocked or swallowed).
 * The one fork-and-report harness (`support.Forked`) refuses to fork while another
   thread is alive, and reaps the child if the fork fails in the parent.
+
+(Forking from a fork server started before any thread would not do: a forking test
+hands its child closures over objects, fds and mappings that the test process created
+after any server started.)
 * `no_stray_threads` fails a test that leaves a thread running, so that the next
   forking test does not inherit it. Libraries that keep threads for the life of the
   process are told not to: numpy's OpenBLAS (imported by the chart tests through
@@ -83,7 +90,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     timeouts.stop_watchdog()
 
 
-@pytest.hookimpl(tryfirst=True)
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
 def pytest_timeout_set_timer(item: pytest.Item, settings: object) -> bool | None:
     if getattr(settings, "method", None) != "signal":
         return None  # pytest-timeout's thread method, asked for explicitly
@@ -91,7 +98,7 @@ def pytest_timeout_set_timer(item: pytest.Item, settings: object) -> bool | None
     return True
 
 
-@pytest.hookimpl(tryfirst=True)
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
 def pytest_timeout_cancel_timer(item: pytest.Item) -> bool | None:
     if getattr(item, "cancel_timeout", None) is not None:
         return None  # armed by pytest-timeout itself
