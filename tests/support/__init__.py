@@ -126,8 +126,24 @@ async def cancel(task: asyncio.Task[Any]) -> None:
 
 
 async def exited(pid: int) -> None:
-    """Wait until process `pid` has exited (all its fds are closed), without reaping it."""
-    await asyncio.to_thread(os.waitid, os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+    """Wait until process `pid` has exited (all its fds are closed), without reaping it
+    (its pidfd turns readable; no thread)."""
+    loop = asyncio.get_running_loop()
+    pidfd = os.pidfd_open(pid)
+    try:
+        gone: asyncio.Future[None] = loop.create_future()
+
+        def readable() -> None:
+            if not gone.done():
+                gone.set_result(None)
+
+        loop.add_reader(pidfd, readable)
+        try:
+            await gone
+        finally:
+            loop.remove_reader(pidfd)
+    finally:
+        os.close(pidfd)
 
 
 def wait_gone(pids: Iterable[int], *, seconds: float = SOON) -> None:
