@@ -49,7 +49,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import uvloop
-from support import LOOP_KINDS, SOON, other_threads, pair, soon, timeouts
+from support import LOOP_KINDS, SOON, new_loop, other_threads, pair, soon, timeouts
 from support import fd_count as count_fds
 
 from aiosync import Barrier
@@ -58,8 +58,9 @@ from aiosync import Barrier
 for _pool in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_pool] = "1"
 
-# test_waitqueue.py and test_fd_plumbing.py still import these from here.
-__all__ = ["SOON", "soon"]
+# Until test_waitqueue.py, test_fd_plumbing.py and test_wait_core_faults.py import them
+# from `support`, they import these from here.
+__all__ = ["SOON", "new_loop", "soon"]
 
 
 def pytest_asyncio_loop_factories(
