@@ -32,8 +32,8 @@ test forks:
 (Forking from a fork server started before any thread would not do: a forking test
 hands its child closures over objects, fds and mappings that the test process created
 after any server started.)
-* `no_stray_threads` fails a test that leaves a thread running, so that the next
-  forking test does not inherit it. Libraries that keep threads for the life of the
+* `no_stray_threads` fails a test that leaves a thread running (one it started), so
+  that the next forking test does not inherit it. Libraries that keep threads for the life of the
   process are told not to: numpy's OpenBLAS (imported by the chart tests through
   matplotlib) starts a thread pool at import unless ``OPENBLAS_NUM_THREADS=1``.
 
@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -109,9 +110,13 @@ def pytest_timeout_cancel_timer(item: pytest.Item) -> bool | None:
 
 @pytest.fixture(autouse=True)
 def no_stray_threads() -> Iterator[None]:
-    """A test must not leave a thread running: the next test may fork."""
+    """A test must not leave a thread running: the next test may fork. (A fixture of a
+    wider scope may keep one for its tests, which then cannot fork, and must join it
+    when it ends.)"""
+    before = threading.enumerate()
     yield
-    assert not (others := other_threads()), f"the test left threads running: {others}"
+    others = other_threads(known=before)
+    assert not others, f"the test left threads running: {others}"
 
 
 @pytest.fixture(params=LOOP_KINDS)

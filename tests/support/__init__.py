@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -276,9 +276,9 @@ class ForkError(RuntimeError):
     """The harness could not (or would not) fork; no child is left behind."""
 
 
-def other_threads(*, seconds: float = SOON) -> list[str]:
-    """The threads of this process other than the calling one that are still running
-    after `seconds`, by name ([] if none).
+def other_threads(*, seconds: float = SOON, known: Collection[threading.Thread] = ()) -> list[str]:
+    """The threads of this process, other than the calling one and the `known` ones,
+    that are still running after `seconds`, by name ([] if none).
 
     A thread that is ending is waited for: one that delivered its result a moment ago
     (3.11's asyncio starts a thread per child process to wait for it), or one that
@@ -288,16 +288,17 @@ def other_threads(*, seconds: float = SOON) -> list[str]:
     deadline = time.monotonic() + seconds
     me = threading.current_thread()
     for thread in threading.enumerate():
-        if thread is not me:
+        if thread is not me and thread not in known:
             try:
                 thread.join(max(0.0, deadline - time.monotonic()))
             except (AssertionError, RuntimeError):  # pragma: no cover - not joinable
                 pass  # (a thread started outside `threading`)
-    if alive := [t.name for t in threading.enumerate() if t is not me]:
+    others = [t for t in threading.enumerate() if t is not me]
+    if alive := [t.name for t in others if t not in known]:
         return alive
-    while (tasks := len(os.listdir("/proc/self/task"))) > 1:
+    while (tasks := len(os.listdir("/proc/self/task"))) > 1 + len(others):
         if time.monotonic() > deadline:  # pragma: no cover - a thread Python does not know
-            return [f"{tasks - 1} thread(s) unknown to the threading module"]
+            return [f"{tasks - 1 - len(others)} thread(s) unknown to the threading module"]
         time.sleep(0.001)
     return []
 
