@@ -50,7 +50,18 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import uvloop
-from support import LOOP_KINDS, SOON, new_loop, other_threads, pair, soon, timeouts
+from support import (
+    LOOP_KINDS,
+    PYTHON,
+    SOON,
+    loop_kind,
+    new_loop,
+    other_threads,
+    pair,
+    run_on,
+    soon,
+    timeouts,
+)
 from support import fd_count as count_fds
 
 from aiosync import Barrier
@@ -59,9 +70,9 @@ from aiosync import Barrier
 for _pool in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_pool] = "1"
 
-# Until test_waitqueue.py, test_fd_plumbing.py and test_wait_core_faults.py import them
-# from `support`, they import these from here.
-__all__ = ["SOON", "new_loop", "soon"]
+# Until test_waitqueue.py, test_fd_plumbing.py, test_wait_core_faults.py and
+# test_sharing_faults.py import them from `support`, they import these from here.
+__all__ = ["PYTHON", "SOON", "loop_kind", "new_loop", "run_on", "soon"]
 
 
 def pytest_asyncio_loop_factories(
