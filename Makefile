@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PY     := $(BIN)/python
 BUILD_INPUTS := pyproject.toml $(wildcard setup.py) $(wildcard aiosync/*.c)
 
-.PHONY: demo test lint check bench docs wheel clean
+.PHONY: demo test lint check bench docs wheel clean matrix
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,12 @@ lint: $(VENV)/.installed-test
 
 test: lint docs
 	$(BIN)/pytest
+
+# The suite (plain pytest, no lint or docs) on every supported interpreter found: pyenv's,
+# the system's, python3.X on PATH, the Debian root's (docs/contributing.md), or exactly
+# those in MATRIX_PYTHONS. One venv each (.venv-<origin>-<X.Y>), one line each.
+matrix:
+	$(PYTHON) tests/support/matrix.py
 
 bench: $(VENV)/.installed-bench
 	$(PY) -m benchmarks

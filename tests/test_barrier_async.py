@@ -11,55 +11,28 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from conftest import LOOP_KINDS, SOON, assert_blocks, loop_kind, run_on, soon
+from support import (
+    LOOP_KINDS,
+    SOON,
+    assert_blocks,
+    cancel,
+    finish_now,
+    loop_kind,
+    pair,
+    parked,
+    run_on,
+    soon,
+    until,
+)
 
 from aiosync import Barrier, ClosedResourceError, Role
 
 
-def pair() -> tuple[Barrier, Barrier]:
-    """A PARENT and a CHILD side of one barrier, both in this process."""
-    parent = Barrier()
-    child = Barrier._adopt(
-        os.dup(parent._me), os.dup(parent._them), os.dup(parent._pipe_r), os.dup(parent._pipe_w)
-    )
-    parent.set_role(Role.PARENT)
-    child.set_role(Role.CHILD)
-    return parent, child
-
-
-@pytest.fixture
-def sides() -> Iterator[tuple[Barrier, Barrier]]:
-    p, c = pair()
-    yield p, c
-    c.close()
-    p.close()
-
-
 def state(b: Barrier) -> str:
     return repr(b).split(" ", 2)[2].rstrip(">")  # "barriers=N aborted=X"
-
-
-async def until(cond: Callable[[], bool], what: str) -> None:
-    """Let the loop run (no sleeping) until `cond()` holds."""
-    for _ in range(1000):
-        if cond():
-            return
-        await asyncio.sleep(0)
-    raise AssertionError(f"never happened: {what}")
-
-
-async def parked(b: Barrier, n: int) -> None:
-    await until(lambda: b._waitq.waiting == n, f"{n} waiters parked")
-
-
-async def cancelled(task: asyncio.Task[Any]) -> None:
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
 
 
 # ---------------------------------------------------------------------------------------
@@ -75,7 +48,7 @@ async def test_cancelled_sync_keeps_what_it_read(sides: tuple[Barrier, Barrier])
     task = asyncio.create_task(p.sync())
     await until(lambda: state(p) == "barriers=1 aborted=no", "the peer's barrier read")
     assert not task.done()
-    await cancelled(task)
+    await cancel(task)
     assert state(p) == "barriers=1 aborted=no"
     assert p._waitq.waiting == 0
     assert c.place()
@@ -147,20 +120,10 @@ async def test_cancel_in_the_iteration_that_releases(
     assert seen == [True]
     assert state(p) == "barriers=0 aborted=no"  # the barrier was read and applied
     assert p._waitq.waiting == 0
-    assert await finish_now(p.sync()) is True  # no wait needed: nothing lost
+    assert finish_now(p.sync()) is True  # no wait needed: nothing lost
     assert c.place()
     assert await soon(p.wait_next()) is True
     assert state(p) == "barriers=-1 aborted=no"
-
-
-async def finish_now(coro: Any) -> Any:
-    """Await `coro`, which must complete without suspending."""
-    try:
-        coro.send(None)
-    except StopIteration as stop:
-        return stop.value
-    coro.close()
-    raise AssertionError("it waited")
 
 
 async def test_cancel_scheduled_next_to_the_fd_event(sides: tuple[Barrier, Barrier]) -> None:
@@ -188,13 +151,13 @@ async def test_cancelling_one_waiter_leaves_the_others(sides: tuple[Barrier, Bar
     syncs = [asyncio.create_task(p.sync()) for _ in range(3)]
     abortion = asyncio.create_task(p.wait_abortion())
     await parked(p, 4)
-    await cancelled(syncs[1])
+    await cancel(syncs[1])
     assert p._waitq.waiting == 3
     assert c.place()
     assert await soon(syncs[0]) is True
     assert await soon(syncs[2]) is True
     assert not abortion.done()
-    await cancelled(abortion)
+    await cancel(abortion)
     assert p._waitq.waiting == 0
     abortion = asyncio.create_task(p.wait_abortion())
     await parked(p, 1)

@@ -18,16 +18,13 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
-from conftest import SOON, ForkedChild, Handshake, loop_kind, run_on, soon
+from support import SOON, Forked, Handshake, loop_kind, run_on, soon
 
 from aiosync import Barrier, ClosedResourceError, Role
 
 DEADLINE = 0.1  # SPEC §7: a dead peer's waits resolve within 100 ms
 EVENTFD_MAX = 0xFFFF_FFFF_FFFF_FFFE  # the largest value an eventfd counter holds
 INT64_MAX = 0x7FFF_FFFF_FFFF_FFFF
-
-
-Proc = ForkedChild
 
 
 def idle_child(b: Barrier, hs: Handshake, *, places: int = 0) -> Callable[[], None]:
@@ -44,8 +41,8 @@ def idle_child(b: Barrier, hs: Handshake, *, places: int = 0) -> Callable[[], No
     return run
 
 
-def fork_child(b: Barrier, hs: Handshake, fn: Callable[[], object]) -> Proc:
-    proc = Proc(fn)
+def fork_child(b: Barrier, hs: Handshake, fn: Callable[[], object]) -> Forked:
+    proc = Forked(fn)
     hs.as_parent()
     b.set_role(Role.PARENT)
     return proc
@@ -275,9 +272,9 @@ def kill_parent_side(kind: str, child_side: ChildSide, *, parent_places: int = 0
         b.set_role(Role.CHILD)
         run_on(kind, child_side(b, hs_child))
 
-    parent_proc = Proc(parent_main)
+    parent_proc = Forked(parent_main)
     hs_parent.as_parent()
-    child_proc = Proc(child_main)
+    child_proc = Forked(child_main)
     hs_child.as_parent()
     b.close()  # from here on, only the two sides hold the barrier's fds
     try:

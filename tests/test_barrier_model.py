@@ -29,17 +29,12 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
-import os
-import signal
 import socket
-import sys
 import traceback
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from _barrier_helpers import die_with_parent, finish_now
-from conftest import SOON, new_loop, run_on, soon
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -49,6 +44,7 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
+from support import SOON, Forked, finish_now, new_loop, run_on, soon
 
 from aiosync import Barrier, ClosedResourceError, Role
 
@@ -228,22 +224,20 @@ class Peer:
 
     def __init__(self, b: Barrier, role: Role, kind: str) -> None:
         self.sock, theirs = socket.socketpair()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        parent = os.getpid()
-        self.pid = os.fork()
-        if self.pid == 0:  # pragma: no cover - runs in the child
-            try:
-                die_with_parent(parent)
-                self.sock.close()
-                b.set_role(role)
-                serve(b, theirs, kind)
-            finally:
-                os._exit(0)
+
+        def run() -> None:  # pragma: no cover - runs in the child
+            self.sock.close()
+            b.set_role(role)
+            serve(b, theirs, kind)
+
+        self.proc = Forked(run)
         theirs.close()
         self.sock.settimeout(2 * SOON)
         self._lines = self.sock.makefile("rb")
-        self.alive = True
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.status is None
 
     def call(self, op: str, **args: Any) -> tuple[Any, list[Any]]:
         self.sock.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
@@ -256,15 +250,10 @@ class Peer:
     def exit(self) -> None:
         """A real exit; returns once the process is gone (its fds are closed)."""
         self.sock.sendall(b'{"op": "exit"}\n')
-        _, status = os.waitpid(self.pid, 0)
-        self.alive = False
-        assert os.waitstatus_to_exitcode(status) == 0
+        self.proc.join()
 
     def close(self) -> None:
-        if self.alive:
-            os.kill(self.pid, signal.SIGKILL)
-            os.waitpid(self.pid, 0)
-            self.alive = False
+        self.proc.reap()
         self._lines.close()
         self.sock.close()
 

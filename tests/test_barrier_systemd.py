@@ -12,7 +12,7 @@ closed side's fds are gone, exactly what the peer sees of an exit), or a real ex
 where the test needs nothing after it; `test_pending_exit_real_exit` uses a real exit
 and waits for the process to be gone.
 
-Every test runs on both loops (the `kind` fixture behind `forked_pair`). Every side
+Every test runs on both loops (the `kind` fixture). Every side
 checks its counter and abort state (`expect_state`: repr and the four properties) after
 each step that could change them.
 """
@@ -22,14 +22,19 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from _barrier_helpers import (
+from support import (
+    BLOCKS,
+    SOON,
+    Handshake,
+    assert_blocks,
     cancel,
     exited,
     expect_state,
     finish_now,
+    run_pair,
     run_with_blocking_child,
+    soon,
 )
-from conftest import BLOCKS, SOON, ForkedPair, Handshake, assert_blocks, soon
 
 from aiosync import Barrier, ClosedResourceError, Role
 
@@ -38,7 +43,7 @@ from aiosync import Barrier, ClosedResourceError, Role
 # ---------------------------------------------------------------------------------------
 
 
-def test_sync(forked_pair: ForkedPair) -> None:
+def test_sync(kind: str) -> None:
     """Both place and sync; the parent exits right after, and its pending hang-up does
     not overwrite the barrier it placed before: the child's sync still succeeds."""
 
@@ -55,10 +60,10 @@ def test_sync(forked_pair: ForkedPair) -> None:
         b.close()
         hs.send("parent synced and exited")
 
-    forked_pair.run(parent, child)
+    run_pair(kind, parent, child)
 
 
-def test_wait_next(forked_pair: ForkedPair) -> None:
+def test_wait_next(kind: str) -> None:
     """wait_next succeeds on a barrier placed before the call (not read yet)."""
 
     async def child(b: Barrier, hs: Handshake) -> None:
@@ -75,10 +80,10 @@ def test_wait_next(forked_pair: ForkedPair) -> None:
         assert await soon(b.sync())
         expect_state(b, 0)
 
-    forked_pair.run(parent, child)
+    run_pair(kind, parent, child)
 
 
-def test_wait_next_twice(forked_pair: ForkedPair) -> None:
+def test_wait_next_twice(kind: str) -> None:
     """One wait_next reads both barriers the parent placed; the second one stalls."""
 
     async def child(b: Barrier, hs: Handshake) -> None:
@@ -96,10 +101,10 @@ def test_wait_next_twice(forked_pair: ForkedPair) -> None:
         await hs.recv("done")
         expect_state(b, 2)
 
-    forked_pair.run(parent, child)
+    run_pair(kind, parent, child)
 
 
-def test_wait_next_twice_local(forked_pair: ForkedPair) -> None:
+def test_wait_next_twice_local(kind: str) -> None:
     """Local barriers between the two waits change nothing: the second one stalls."""
 
     async def child(b: Barrier, hs: Handshake) -> None:
@@ -119,10 +124,10 @@ def test_wait_next_twice_local(forked_pair: ForkedPair) -> None:
         await hs.recv("done")
         expect_state(b, 2)
 
-    forked_pair.run(parent, child)
+    run_pair(kind, parent, child)
 
 
-def test_wait_next_twice_sync(forked_pair: ForkedPair) -> None:
+def test_wait_next_twice_sync(kind: str) -> None:
     """After wait_next took both barriers, sync_next needs no wait: it returns True at
     once, without I/O, and so does not notice that the parent already exited."""
 
@@ -139,10 +144,10 @@ def test_wait_next_twice_sync(forked_pair: ForkedPair) -> None:
         b.close()
         hs.send("placed twice and exited")
 
-    forked_pair.run(parent, child)
+    run_pair(kind, parent, child)
 
 
-def test_wait_next_twice_local_sync(forked_pair: ForkedPair) -> None:
+def test_wait_next_twice_local_sync(kind: str) -> None:
     """As wait_next_twice_sync, with two local barriers: the sides are level, so
     sync_next returns True at once."""
 
@@ -161,10 +166,10 @@ def test_wait_next_twice_local_sync(forked_pair: ForkedPair) -> None:
         b.close()
         hs.send("placed twice and exited")
 
-    forked_pair.run(parent, child)
+    run_pair(kind, parent, child)
 
 
-def test_sync_next(forked_pair: ForkedPair) -> None:
+def test_sync_next(kind: str) -> None:
     """sync_next / sync when the local side is level, ahead by two, then by one."""
 
     async def child(b: Barrier, hs: Handshake) -> None:
@@ -190,10 +195,10 @@ def test_sync_next(forked_pair: ForkedPair) -> None:
         assert await soon(b.sync())
         expect_state(b, 0)
 
-    forked_pair.run(parent, child)
+    run_pair(kind, parent, child)
 
 
-def test_sync_next_local(forked_pair: ForkedPair) -> None:
+def test_sync_next_local(kind: str) -> None:
     """A local barrier the parent never matches: sync_next stalls."""
 
     async def child(b: Barrier, hs: Handshake) -> None:
@@ -206,10 +211,10 @@ def test_sync_next_local(forked_pair: ForkedPair) -> None:
         await hs.recv("done")
         expect_state(b, 0)
 
-    forked_pair.run(parent, child)
+    run_pair(kind, parent, child)
 
 
-def test_sync_next_local_abort(forked_pair: ForkedPair) -> None:
+def test_sync_next_local_abort(kind: str) -> None:
     """As sync_next_local, but the parent aborts: the stalled sync_next returns False."""
 
     async def child(b: Barrier, hs: Handshake) -> None:
@@ -224,10 +229,10 @@ def test_sync_next_local_abort(forked_pair: ForkedPair) -> None:
         assert b.abort()
         expect_state(b, 0, "i")
 
-    forked_pair.run(parent, child)
+    run_pair(kind, parent, child)
 
 
-def test_wait_abortion(forked_pair: ForkedPair) -> None:
+def test_wait_abortion(kind: str) -> None:
     """wait_abortion returns True when the parent aborts."""
 
     async def child(b: Barrier, hs: Handshake) -> None:
@@ -241,10 +246,10 @@ def test_wait_abortion(forked_pair: ForkedPair) -> None:
         assert b.abort()
         expect_state(b, 0, "i")
 
-    forked_pair.run(parent, child)
+    run_pair(kind, parent, child)
 
 
-def test_wait_abortion_unmatched(forked_pair: ForkedPair) -> None:
+def test_wait_abortion_unmatched(kind: str) -> None:
     """No abort on the other side: wait_abortion stalls."""
 
     async def child(b: Barrier, hs: Handshake) -> None:
@@ -256,10 +261,10 @@ def test_wait_abortion_unmatched(forked_pair: ForkedPair) -> None:
         await hs.recv("done")
         expect_state(b, 0)
 
-    forked_pair.run(parent, child)
+    run_pair(kind, parent, child)
 
 
-def test_wait_abortion_local(forked_pair: ForkedPair) -> None:
+def test_wait_abortion_local(kind: str) -> None:
     """Both abort: wait_abortion returns (False: this side aborted too)."""
 
     async def child(b: Barrier, hs: Handshake) -> None:
@@ -277,10 +282,10 @@ def test_wait_abortion_local(forked_pair: ForkedPair) -> None:
         assert await soon(b.wait_abortion()) is False  # reads the child's abort
         expect_state(b, 0, "both")
 
-    forked_pair.run(parent, child)
+    run_pair(kind, parent, child)
 
 
-def test_wait_abortion_local_unmatched(forked_pair: ForkedPair) -> None:
+def test_wait_abortion_local_unmatched(kind: str) -> None:
     """Only the local side aborts: its wait_abortion stalls."""
 
     async def child(b: Barrier, hs: Handshake) -> None:
@@ -293,10 +298,10 @@ def test_wait_abortion_local_unmatched(forked_pair: ForkedPair) -> None:
         await hs.recv("done")
         expect_state(b, 0)
 
-    forked_pair.run(parent, child)
+    run_pair(kind, parent, child)
 
 
-def test_exit(forked_pair: ForkedPair) -> None:
+def test_exit(kind: str) -> None:
     """The child just exits (for real): an implicit abort that wakes the parent's sync."""
 
     async def child(b: Barrier, hs: Handshake) -> None:
@@ -307,10 +312,10 @@ def test_exit(forked_pair: ForkedPair) -> None:
         assert await soon(b.sync()) is False
         expect_state(b, 1, "they")
 
-    forked_pair.run(parent, child)
+    run_pair(kind, parent, child)
 
 
-def test_no_exit(forked_pair: ForkedPair) -> None:
+def test_no_exit(kind: str) -> None:
     """As exit, but the child stays: the parent's sync stalls."""
 
     async def child(b: Barrier, hs: Handshake) -> None:
@@ -322,7 +327,7 @@ def test_no_exit(forked_pair: ForkedPair) -> None:
         expect_state(b, 1)
         hs.send("done")
 
-    forked_pair.run(parent, child)
+    run_pair(kind, parent, child)
 
 
 async def pending_exit_steps(b: Barrier) -> None:
@@ -343,7 +348,7 @@ async def pending_exit_steps(b: Barrier) -> None:
     expect_state(b, 1, "they")
 
 
-def test_pending_exit(forked_pair: ForkedPair) -> None:
+def test_pending_exit(kind: str) -> None:
     """The parent places a barrier and exits; both are pending when the child reads."""
 
     async def child(b: Barrier, hs: Handshake) -> None:
@@ -355,7 +360,7 @@ def test_pending_exit(forked_pair: ForkedPair) -> None:
         b.close()
         hs.send("placed and exited")
 
-    forked_pair.run(parent, child)
+    run_pair(kind, parent, child)
 
 
 def test_pending_exit_real_exit(kind: str) -> None:
@@ -378,7 +383,7 @@ def test_pending_exit_real_exit(kind: str) -> None:
 # ---------------------------------------------------------------------------------------
 
 
-def test_sync_does_no_io_and_misses_an_exit(forked_pair: ForkedPair) -> None:
+def test_sync_does_no_io_and_misses_an_exit(kind: str) -> None:
     """sync / sync_next that need no wait return True without reading, so they do not
     notice that the peer is gone; the first wait that must read does."""
 
@@ -406,10 +411,10 @@ def test_sync_does_no_io_and_misses_an_exit(forked_pair: ForkedPair) -> None:
         b.close()
         hs.send("placed twice and exited")
 
-    forked_pair.run(parent, child)
+    run_pair(kind, parent, child)
 
 
-def test_wait_next_before_the_peer_places(forked_pair: ForkedPair) -> None:
+def test_wait_next_before_the_peer_places(kind: str) -> None:
     """wait_next blocks until the peer's next barrier however far ahead this side is,
     and one read consumes every barrier the peer placed by then."""
 
@@ -437,10 +442,10 @@ def test_wait_next_before_the_peer_places(forked_pair: ForkedPair) -> None:
         await hs.recv("done")
         expect_state(b, 3)
 
-    forked_pair.run(parent, child)
+    run_pair(kind, parent, child)
 
 
-def test_own_abort_never_releases_wait_abortion(forked_pair: ForkedPair) -> None:
+def test_own_abort_never_releases_wait_abortion(kind: str) -> None:
     """My abort releases my pending sync() (with False) but not my wait_abortion(),
     which returns only when the peer aborts (False: I aborted too). An abort wipes the
     barriers placed before it: the peer's counter does not move."""
@@ -465,10 +470,10 @@ def test_own_abort_never_releases_wait_abortion(forked_pair: ForkedPair) -> None
         assert b.abort() is False  # they aborted first
         expect_state(b, 0, "both")
 
-    forked_pair.run(parent, child)
+    run_pair(kind, parent, child)
 
 
-def test_peer_exit_releases_wait_abortion_with_true(forked_pair: ForkedPair) -> None:
+def test_peer_exit_releases_wait_abortion_with_true(kind: str) -> None:
     """A plain exit of the parent (no abort) releases the child's wait_abortion: True."""
 
     async def child(b: Barrier, hs: Handshake) -> None:
@@ -487,10 +492,10 @@ def test_peer_exit_releases_wait_abortion_with_true(forked_pair: ForkedPair) -> 
         await hs.recv("waiting")
         b.close()
 
-    forked_pair.run(parent, child)
+    run_pair(kind, parent, child)
 
 
-def test_peer_real_exit_releases_wait_abortion_with_true(forked_pair: ForkedPair) -> None:
+def test_peer_real_exit_releases_wait_abortion_with_true(kind: str) -> None:
     """The child really exits while the parent waits for an abort: True."""
 
     async def child(b: Barrier, hs: Handshake) -> None:
@@ -502,10 +507,10 @@ def test_peer_real_exit_releases_wait_abortion_with_true(forked_pair: ForkedPair
         assert await soon(waiting) is True
         expect_state(b, 0, "they")
 
-    forked_pair.run(parent, child)
+    run_pair(kind, parent, child)
 
 
-def test_place_and_waits_after_abort(forked_pair: ForkedPair) -> None:
+def test_place_and_waits_after_abort(kind: str) -> None:
     """After my abort: place() and every sync-style wait return False at once, and the
     counter no longer moves, not even for barriers the peer placed unaware of it. The
     peer learns of the abort at its next read, not before."""
@@ -544,10 +549,10 @@ def test_place_and_waits_after_abort(forked_pair: ForkedPair) -> None:
         assert await soon(waiting) is False  # the child's abort; I aborted too
         expect_state(b, 0, "both")
 
-    forked_pair.run(parent, child)
+    run_pair(kind, parent, child)
 
 
-def test_abort_twice(forked_pair: ForkedPair) -> None:
+def test_abort_twice(kind: str) -> None:
     """abort() again is a no-op (returning True while the peer is not known to have
     aborted): were INT64_MAX written each time, the third write would overflow the
     eventfd and break the barrier on both sides."""
@@ -566,10 +571,10 @@ def test_abort_twice(forked_pair: ForkedPair) -> None:
             assert b.abort() is False
             expect_state(b, 0, "both")
 
-    forked_pair.run(parent, child)
+    run_pair(kind, parent, child)
 
 
-def test_place_and_sync_rounds(forked_pair: ForkedPair) -> None:
+def test_place_and_sync_rounds(kind: str) -> None:
     """Many lock-step rounds. After each, this side has read all of the peer's barriers
     of that round and maybe (if the peer is quick) the peer's next one: 0 or -1."""
 
@@ -584,7 +589,7 @@ def test_place_and_sync_rounds(forked_pair: ForkedPair) -> None:
         await hs.recv("done")
         expect_state(b, 0)
 
-    forked_pair.run(side, side)
+    run_pair(kind, side, side)
 
 
 def test_repr_and_flags_without_a_peer() -> None:
@@ -608,7 +613,7 @@ def test_repr_and_flags_without_a_peer() -> None:
 # ---------------------------------------------------------------------------------------
 
 
-def test_blocking_twins_refuse_a_running_loop(forked_pair: ForkedPair) -> None:
+def test_blocking_twins_refuse_a_running_loop(kind: str) -> None:
     async def side(b: Barrier, hs: Handshake) -> None:
         for wait in (
             b.sync_blocking,
@@ -620,7 +625,7 @@ def test_blocking_twins_refuse_a_running_loop(forked_pair: ForkedPair) -> None:
                 wait(0)
         expect_state(b, 0)
 
-    forked_pair.run(side, side)
+    run_pair(kind, side, side)
 
 
 def test_blocking_sync_wait_next_and_timeout(kind: str) -> None:

@@ -23,19 +23,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from conftest import SOON, run_on, soon
+from support import SOON, run_on, soon
 
-from aiosync import Barrier, ClosedResourceError, Role, _fd
-
-
-def pair() -> tuple[Barrier, Barrier]:
-    parent = Barrier()
-    child = Barrier._adopt(
-        os.dup(parent._me), os.dup(parent._them), os.dup(parent._pipe_r), os.dup(parent._pipe_w)
-    )
-    parent.set_role(Role.PARENT)
-    child.set_role(Role.CHILD)
-    return parent, child
+from aiosync import Barrier, ClosedResourceError, _fd
 
 
 def eventfds() -> set[int]:
@@ -49,15 +39,15 @@ def eventfds() -> set[int]:
     return found
 
 
-@pytest.fixture
-def sides() -> Iterator[tuple[Barrier, Barrier]]:
+@pytest.fixture(autouse=True)
+def twins_leave_nothing(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After the test and its `sides` are closed: no blocker left, and the twins' wake
+    eventfds are closed."""
     before = eventfds()
-    p, c = pair()
-    yield p, c
-    c.close()
-    p.close()
-    assert p._waitq.blockers == {}
-    assert eventfds() == before  # the twins' wake eventfds are closed
+    yield
+    if (sides := request.node.funcargs.get("sides")) is not None:
+        assert sides[0]._waitq.blockers == {}
+    assert eventfds() == before
 
 
 def wait_until_polling(thread: threading.Thread) -> None:

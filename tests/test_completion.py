@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import BLOCKS, SOON, assert_blocks, run_on, soon
+from support import BLOCKS, SOON, assert_blocks, run_on, soon
 
 from aiosync import ClosedResourceError, Completion
 

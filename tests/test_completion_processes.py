@@ -9,80 +9,20 @@ import os
 import signal
 import subprocess
 import sys
-import traceback
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import loop_kind, run_on, soon
+from support import Children, loop_kind, run_on, soon
 
 import aiosync
 from aiosync import Completion
 
 
-class Children:
-    """Forked children, each reporting through a pipe; all are reaped on exit.
-
-    A child that is still running when the block is left (a failed assertion in the
-    parent) is SIGKILLed first, so that no test leaves a process or a hang behind.
-    """
-
-    def __init__(self) -> None:
-        self.running: dict[int, int] = {}  # pid -> read end of its report
-
-    def fork(self, body: Callable[[int], None]) -> int:
-        """Fork a child that runs `body(report_fd)` and exits; return its pid."""
-        r, w = os.pipe()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - runs in the child
-            code = 0
-            try:
-                os.close(r)
-                body(w)
-            except BaseException:
-                os.write(w, b"ERROR " + traceback.format_exc().encode())
-                code = 1
-            os._exit(code)
-        os.close(w)
-        self.running[pid] = r
-        return pid
-
-    def collect(self, pid: int) -> str:
-        """Its report, once it has exited successfully (its failure fails the test)."""
-        with os.fdopen(self.running.pop(pid), "rb") as f:
-            text = f.read().decode()
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0, text
-        assert not text.startswith("ERROR"), text
-        return text
-
-    def kill(self, pid: int) -> None:
-        os.kill(pid, signal.SIGKILL)
-        _, status = os.waitpid(pid, 0)
-        os.close(self.running.pop(pid))
-        assert os.waitstatus_to_exitcode(status) == -signal.SIGKILL
-
-    def __enter__(self) -> Children:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        for pid, report in self.running.items():
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            os.close(report)
-        self.running.clear()
-
-
-def child_loop(kind: str, make: Callable[[], Coroutine[Any, Any, str]]) -> Callable[[int], None]:
+def child_loop(kind: str, make: Callable[[], Coroutine[Any, Any, str]]) -> Callable[[], str]:
     """A child's body: run `make()` on a fresh loop of `kind`, report what it returns."""
-
-    def body(report: int) -> None:
-        os.write(report, run_on(kind, make()).encode())
-
-    return body
+    return lambda: run_on(kind, make())
 
 
 def test_n_completes_release_exactly_n_waits_across_two_processes(kind: str) -> None:

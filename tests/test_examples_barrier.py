@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import run_example
+from support import run_example
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "barrier_subprocess.py"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import run_example
+from support import run_example
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "completion_ready.py"
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from conftest import SOON, run_example, wait_gone
+from support import SOON, run_example, wait_gone
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "prefork_server.py"
 

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import run_example
+from support import run_example
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "seqc_config.py"
 REPORT = re.compile(

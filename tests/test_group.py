@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PYTHON, SOON, assert_blocks, loop_kind, run_on, soon
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from support import PYTHON, SOON, assert_blocks, loop_kind, run_on, soon
 
 import aiosync
 from aiosync import Barrier, BarrierGroup, ClosedResourceError, GroupResult, Role

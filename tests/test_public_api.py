@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
+import inspect
+from collections import defaultdict
+
+import pytest
+from support import loop_kind
 
 import aiosync
 
@@ -38,6 +42,19 @@ def test_errors_share_one_base() -> None:
     assert issubclass(aiosync.SharingError, aiosync.AiosyncError)
 
 
-async def test_runs_on_both_loops() -> None:
-    # The harness parametrizes every async test over the two loops.
-    assert asyncio.get_running_loop().is_running()
+async def test_runs_on_the_loop_its_id_names(request: pytest.FixtureRequest) -> None:
+    # The harness parametrizes every async test over the two loops; each runs on the
+    # loop it is named after.
+    assert request.node.callspec.id.split("-")[0] == loop_kind()
+
+
+def test_every_async_test_runs_on_both_loops(request: pytest.FixtureRequest) -> None:
+    loops: dict[str, set[str]] = defaultdict(set)
+    for item in request.session.items:
+        if isinstance(item, pytest.Function) and inspect.iscoroutinefunction(item.obj):
+            params = getattr(item, "callspec", None)
+            kind = params.id.split("-")[0] if params is not None else "none"
+            loops[item.nodeid.split("[")[0]].add(kind)
+    assert loops, "no async test collected"
+    wrong = {test: kinds for test, kinds in loops.items() if kinds != {"asyncio", "uvloop"}}
+    assert not wrong, f"async tests not run on both loops: {wrong}"

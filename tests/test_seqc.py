@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import assert_blocks, soon
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -31,6 +30,7 @@ from hypothesis.stateful import (
     precondition,
     rule,
 )
+from support import Forked, assert_blocks, soon
 
 import aiosync
 from aiosync import (
@@ -234,10 +234,22 @@ async def test_read_honours_timeout(shm: mmap.mmap) -> None:
             assert s.read_any() == 1  # the cancelled reader held nothing
 
 
-async def test_read_can_be_cancelled(record: SeqRecord) -> None:
+async def test_read_can_be_cancelled(record: SeqRecord, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The reader says when it is backing off on the clock (past its loop round trips):
+    # it tried, found the write open, and waits; that is where it is cancelled.
+    backing_off = asyncio.Event()
+    real_sleep = asyncio.sleep
+
+    async def reader_sleep(delay: float) -> None:
+        if delay > 0:
+            backing_off.set()
+        await real_sleep(delay)
+
+    monkeypatch.setattr(asyncio, "sleep", reader_sleep)
     with record.seqcount.write():
         reader = asyncio.create_task(record.read())
-        await asyncio.sleep(0.01)
+        await soon(backing_off.wait())
+        assert not reader.done()
         reader.cancel()
         with pytest.raises(asyncio.CancelledError):
             await reader
@@ -922,19 +934,12 @@ def test_fork_child_does_not_end_the_parents_write(shm: mmap.mmap) -> None:
     # inherited object must not end it.
     s = SeqCount(shm)
     s.write_begin()
-    sys.stdout.flush()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        code = 0
-        try:
-            s.close()
-            if s_read(shm) != 1:
-                code = 2
-        except BaseException:
-            code = 1
-        os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+
+    def child() -> None:
+        s.close()
+        assert s_read(shm) == 1
+
+    Forked(child).join()
     assert s.read_any() == 1
     s.write_end()
     s.close()

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import PYTHON, ForkedChild, assert_blocks, loop_kind, run_on, soon
+from support import PYTHON, Forked, assert_blocks, loop_kind, run_on, soon
 
 import aiosync
 from aiosync import (
@@ -35,9 +35,6 @@ FAST = SeqCount.Backoff(yields=1, first=0.001, cap=0.002, check_writer_after=0.0
 # ---------------------------------------------------------------------------------------
 # Forked children without a loop of ours (the fork happens before any loop runs here)
 # ---------------------------------------------------------------------------------------
-
-
-Child = ForkedChild
 
 
 class Pipe:
@@ -183,16 +180,16 @@ def test_no_torn_snapshots(kind: str, mode: str, shm: mmap.mmap) -> None:
     record = SeqRecord(FMT, latch=mode == "latch") if mode != "bare" else None
     seqc = SeqCount(shm) if mode == "bare" else None
     writer_pipe, reader_pipe = Pipe(), Pipe()
-    children: list[Child] = []
+    children: list[Forked] = []
     try:
-        writer = Child(lambda: writer_flat_out(mode, record, seqc, shm, stop, writer_pipe))
+        writer = Forked(lambda: writer_flat_out(mode, record, seqc, shm, stop, writer_pipe))
         children.append(writer)
         assert writer_pipe.recv() == "started"
 
         def reader() -> None:
             reader_pipe.send(run_on(kind, reader_flat_out(record, seqc, shm)))
 
-        children += [Child(reader), Child(reader)]
+        children += [Forked(reader), Forked(reader)]
         results = [reader_pipe.recv(seconds=30), reader_pipe.recv(seconds=30)]
         stop[0] = 1
         writes = writer_pipe.recv()["writes"]
@@ -201,8 +198,7 @@ def test_no_torn_snapshots(kind: str, mode: str, shm: mmap.mmap) -> None:
     finally:
         stop[0] = 1
         for child in children:
-            if child.status is None:
-                child.kill()
+            child.reap()  # (those not joined above)
         writer_pipe.close()
         reader_pipe.close()
         stop.close()
@@ -234,7 +230,7 @@ def hold_write_then(seqc: SeqCount, pipe: Pipe, then: str) -> None:
 async def test_writer_death_is_reported(how: str, pipe: Pipe, shm: mmap.mmap) -> None:
     with SeqCount(shm) as seqc:
         seqc.backoff = FAST
-        child = Child(lambda: hold_write_then(seqc, pipe, "exit" if "exited" in how else "hang"))
+        child = Forked(lambda: hold_write_then(seqc, pipe, "exit" if "exited" in how else "hang"))
         assert pipe.recv() == "begun"
         assert seqc.read_any() == 1
         if "killed" in how:
@@ -256,7 +252,7 @@ async def test_record_writer_death(pipe: Pipe) -> None:
     with SeqRecord("qqd") as record:
         record.backoff = FAST
         record.write(1, 2, 3.0)
-        child = Child(lambda: hold_write_then(record.seqcount, pipe, "hang"))
+        child = Forked(lambda: hold_write_then(record.seqcount, pipe, "hang"))
         assert pipe.recv() == "begun"
         with pytest.raises(WouldBlock):
             record.read_nowait()
@@ -278,7 +274,7 @@ def write_then(record: SeqRecord, pipe: Pipe, go: int, then: str) -> None:
     time.sleep(60)  # until killed
 
 
-def wait_dead(child: ForkedChild) -> None:
+def wait_dead(child: Forked) -> None:
     """Return once the child has exited, leaving it a zombie (not reaped)."""
     info = os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)
     assert info is not None
@@ -292,7 +288,7 @@ def test_reader_learns_the_writer_died_between_writes(how: str, pipe: Pipe) -> N
     with SeqRecord("qqd") as record:
         record.write(1, 2, 3.0)
         assert record.last_writer == os.getpid()
-        child = Child(lambda: write_then(record, pipe, go_r, "exit" if "exit" in how else "hang"))
+        child = Forked(lambda: write_then(record, pipe, go_r, "exit" if "exit" in how else "hang"))
         try:
             assert pipe.recv() == "written"
             assert record.last_writer == child.pid
@@ -345,7 +341,7 @@ async def test_latch_readers_never_wait_for_another_process(pipe: Pipe) -> None:
                 pipe.send("begun")
                 time.sleep(60)  # until killed
 
-        writer = Child(child)
+        writer = Forked(child)
         try:
             assert pipe.recv() == "begun"
             assert record.seqcount.read_any() == 3  # a write is open
@@ -363,7 +359,7 @@ async def test_latch_readers_never_wait_for_another_process(pipe: Pipe) -> None:
 
 async def test_second_writer_in_another_process_is_busy(pipe: Pipe, shm: mmap.mmap) -> None:
     with SeqCount(shm) as seqc:
-        child = Child(lambda: hold_write_then(seqc, pipe, "hang"))
+        child = Forked(lambda: hold_write_then(seqc, pipe, "hang"))
         try:
             assert pipe.recv() == "begun"
             with pytest.raises(BusyResourceError, match=f"process {child.pid} is inside"):
@@ -545,7 +541,7 @@ def test_fork_shares_a_seqcount_over_an_inherited_mapping(shm: mmap.mmap) -> Non
                 struct.pack_into("q", shm, 80, 42)
             seqc.close()
 
-        Child(child).join()
+        Forked(child).join()
         assert seqc.read_any() == 2
         assert struct.unpack_from("q", shm, 80) == (42,)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PYTHON, SOON, loop_kind, run_on, soon
+from support import PYTHON, SOON, loop_kind, run_on, soon
 
 import aiosync
 from aiosync import Barrier, Role, SharingError

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import PYTHON, SOON, soon
+from support import PYTHON, SOON, soon
 
 import aiosync
 from aiosync import Barrier, Role, SharingError
