@@ -382,16 +382,6 @@ Counter_release(PyObject *op, PyObject *Py_UNUSED(ignored))
     Py_RETURN_NONE;
 }
 
-static PyObject *
-Counter_get_released(PyObject *op, void *Py_UNUSED(closure))
-{
-    int released;
-    Py_BEGIN_CRITICAL_SECTION(op);
-    released = ((Counter *)op)->seq == NULL;
-    Py_END_CRITICAL_SECTION();
-    return PyBool_FromLong(released);
-}
-
 /* -- reading ------------------------------------------------------------------------ */
 
 /* Load one word of the header (or the last writer's token) with an acquire load, or
@@ -1160,11 +1150,6 @@ static PyMethodDef Record_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static PyGetSetDef Counter_getset[] = {
-    {"_released", (getter)Counter_get_released, NULL, "True after _release().", NULL},
-    {NULL, NULL, NULL, NULL, NULL},
-};
-
 static PyType_Slot Counter_slots[] = {
     {Py_tp_doc,
      (void *)PyDoc_STR(
@@ -1176,7 +1161,6 @@ static PyType_Slot Counter_slots[] = {
     {Py_tp_init, FUNC(Counter_init)},
     {Py_tp_dealloc, FUNC(Counter_dealloc)},
     {Py_tp_methods, Counter_methods},
-    {Py_tp_getset, Counter_getset},
     {0, NULL},
 };
 
@@ -1191,7 +1175,6 @@ static PyType_Slot Record_slots[] = {
     {Py_tp_init, FUNC(Record_init)},
     {Py_tp_dealloc, FUNC(Counter_dealloc)},
     {Py_tp_methods, Record_methods},
-    {Py_tp_getset, Counter_getset},
     {0, NULL},
 };
 

@@ -38,7 +38,7 @@ after any server started.)
   matplotlib) starts a thread pool at import unless ``OPENBLAS_NUM_THREADS=1``.
 
 The one test that forks with a thread alive on purpose (a lock held at the fork, in
-test_waitqueue.py) gets the one warning filter for it (`FORKS_WITH_A_THREAD`).
+test_waitqueue.py) carries the one warning filter for it.
 """
 
 from __future__ import annotations
@@ -52,14 +52,8 @@ import pytest
 import uvloop
 from support import (
     LOOP_KINDS,
-    PYTHON,
-    SOON,
-    loop_kind,
-    new_loop,
     other_threads,
     pair,
-    run_on,
-    soon,
     timeouts,
 )
 from support import fd_count as count_fds
@@ -70,29 +64,11 @@ from aiosync import Barrier
 for _pool in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_pool] = "1"
 
-# Until test_waitqueue.py, test_fd_plumbing.py, test_wait_core_faults.py and
-# test_sharing_faults.py import them from `support`, they import these from here.
-__all__ = ["PYTHON", "SOON", "loop_kind", "new_loop", "run_on", "soon"]
-
 
 def pytest_asyncio_loop_factories(
     config: pytest.Config, item: pytest.Item
 ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
     return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
-
-
-# The tests that fork with a thread alive on purpose, and the warning that 3.12+ gives
-# them (3.15 raises it under `filterwarnings = error`).
-FORKS_WITH_A_THREAD = {"test_forked_child_forgets_the_parents_registrations"}
-FORK_WITH_THREADS_WARNING = (
-    r"ignore:This process \(pid=\d+\) is multi-threaded, use of fork\(\):DeprecationWarning"
-)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if isinstance(item, pytest.Function) and item.originalname in FORKS_WITH_A_THREAD:
-            item.add_marker(pytest.mark.filterwarnings(FORK_WITH_THREADS_WARNING))
 
 
 def pytest_configure(config: pytest.Config) -> None:

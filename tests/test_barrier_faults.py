@@ -1,6 +1,6 @@
 """Barrier faults: peer death, fd leaks, unclosed barriers, failed eventfd writes.
 
-SPEC §7: a peer killed with SIGKILL at any moment resolves every pending await on the
+docs/design.md §7: a peer killed with SIGKILL at any moment resolves every pending await on the
 barrier (False; ``wait_abortion()`` True) within 100 ms. Each test here makes the
 moment exact: a hand-shake says the waiter is parked, the peer is killed, its death is
 confirmed with ``waitid(WNOWAIT)`` (the kernel closed its fds before that returns, and
@@ -22,7 +22,7 @@ from support import SOON, Forked, Handshake, loop_kind, run_on, soon
 
 from aiosync import Barrier, ClosedResourceError, Role
 
-DEADLINE = 0.1  # SPEC §7: a dead peer's waits resolve within 100 ms
+DEADLINE = 0.1  # docs/design.md §7: a dead peer's waits resolve within 100 ms
 EVENTFD_MAX = 0xFFFF_FFFF_FFFF_FFFE  # the largest value an eventfd counter holds
 INT64_MAX = 0x7FFF_FFFF_FFFF_FFFF
 
@@ -343,7 +343,7 @@ def test_child_side_reads_what_the_killed_parent_side_placed(kind: str) -> None:
 
 
 def test_child_side_notices_death_after_its_registration_was_dropped(kind: str) -> None:
-    """uvloop reports a pipe write end's error once per registration (SPEC §5 pitfalls).
+    """uvloop reports a pipe write end's error once per registration (docs/design.md §8).
 
     The CHILD side's registration outlives a finished sync(); the PARENT side's death
     fires it while nobody waits, so it is dropped without reading (and the exit is not

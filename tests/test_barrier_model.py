@@ -3,7 +3,7 @@
 Both sides of one barrier are driven with random sequences of place / abort /
 wait_next / sync_next / sync / place_and_sync / wait_abortion / cancel / exit, and
 every result and every state flag (and the counter, through the repr) is compared with
-`Model`, a small pure-Python model written from SPEC §2 (the table and the read loop).
+`Model`, a small pure-Python model written from docs/barrier.md (the table and the read loop).
 
 * The *local* side lives in this process (its role, PARENT or CHILD, is drawn) and
   runs its waits as tasks on a loop of the parametrized kind. A wait the model says
@@ -59,7 +59,7 @@ ACTIONS = ("place", "abort", "exit")  # of the peer, racing a cancellation
 ENDINGS = ("local_abort", "peer_abort", "peer_exit", "local_close")
 
 # ---------------------------------------------------------------------------------------
-# The model (SPEC §2)
+# The model (docs/barrier.md)
 # ---------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,6 @@
-"""Barrier conformance: systemd's own test cases, and SPEC §2's consequences, across a fork.
+"""Barrier conformance: systemd's own test cases and the rules' consequences, across a fork.
+
+The rules: docs/barrier.md.
 
 The first part has one test per case of systemd's ``src/test/test-barrier.c`` (same
 names, same assertions, same roles: the CHILD code runs in the forked child, the PARENT
@@ -379,7 +381,7 @@ def test_pending_exit_real_exit(kind: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# SPEC §2: consequences worth a test each
+# The rules' consequences (docs/barrier.md), each worth a test
 # ---------------------------------------------------------------------------------------
 
 

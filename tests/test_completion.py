@@ -1,4 +1,4 @@
-"""Completion semantics within one process (SPEC §3), on both loops."""
+"""Completion semantics within one process (docs/completion.md, design §3), both loops."""
 
 from __future__ import annotations
 

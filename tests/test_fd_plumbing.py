@@ -1,6 +1,6 @@
 """The fd plumbing (aiosync._fd), through what a loop and the kernel can observe.
 
-* One registration per (loop, fd), however many waiters (SPEC §5.1).
+* One registration per (loop, fd), however many waiters (docs/design.md §5.1).
 * Registrations are kept while waiters come and go, and dropped lazily: the first
   time the fd fires with nobody waiting, without reading it (§5 pitfalls).
 * Readers are removed before the fds are closed (§5.2).
@@ -21,9 +21,9 @@ from typing import Any
 
 import pytest
 import uvloop
-from conftest import soon
+from support import pair, parked, soon
 
-from aiosync import Barrier, ClosedResourceError, Role, SharingError, _fd
+from aiosync import Barrier, ClosedResourceError, SharingError, _fd
 
 
 class Counting:
@@ -75,25 +75,6 @@ def run_counting(kind: str, main: Callable[[Counting], Any]) -> None:
         runner.run(main(loop))
 
 
-def pair() -> tuple[Barrier, Barrier]:
-    """A PARENT and a CHILD side of one barrier in this process (CHILD over duplicates)."""
-    parent = Barrier()
-    child = Barrier._adopt(
-        os.dup(parent._me), os.dup(parent._them), os.dup(parent._pipe_r), os.dup(parent._pipe_w)
-    )
-    parent.set_role(Role.PARENT)
-    child.set_role(Role.CHILD)
-    return parent, child
-
-
-@pytest.fixture
-def sides() -> Iterator[tuple[Barrier, Barrier]]:
-    p, c = pair()
-    yield p, c
-    c.close()
-    p.close()
-
-
 def eventfd_count(fd: int) -> int:
     """An eventfd's value, read from /proc without touching the eventfd itself."""
     with open(f"/proc/self/fdinfo/{fd}", encoding="ascii") as f:
@@ -107,14 +88,6 @@ def eventfd_count(fd: int) -> int:
 async def spin(n: int = 20) -> None:
     for _ in range(n):
         await asyncio.sleep(0)
-
-
-async def parked(b: Barrier, n: int) -> None:
-    for _ in range(1000):
-        if b._waitq.waiting == n:
-            return
-        await asyncio.sleep(0)
-    raise AssertionError(f"{n} waiters never parked")
 
 
 def test_one_registration_for_many_waiters(kind: str, sides: tuple[Barrier, Barrier]) -> None:

@@ -27,7 +27,7 @@ import aiosync
 from aiosync import Barrier, BarrierGroup, ClosedResourceError, GroupResult, Role
 
 CHILD = str(Path(__file__).parent / "children" / "group_child.py")
-DEADLINE = 0.1  # SPEC §7: a killed peer's pending waits resolve within 100 ms
+DEADLINE = 0.1  # docs/design.md §7: a killed peer's pending waits resolve within 100 ms
 
 Process = asyncio.subprocess.Process
 

@@ -27,7 +27,7 @@ import aiosync
 from aiosync import Barrier, Role, SharingError
 
 CHILD = str(Path(__file__).parent / "children" / "barrier_child.py")
-DEADLINE = 0.1  # SPEC §7
+DEADLINE = 0.1  # docs/design.md §7: a dead peer's waits resolve within 100 ms
 
 
 async def start(b: Barrier, *args: str) -> asyncio.subprocess.Process:

@@ -30,9 +30,9 @@ from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import pytest
-from conftest import PYTHON, SOON, loop_kind, run_on, soon
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from support import PYTHON, SOON, is_open, loop_kind, run_on, soon
 
 import aiosync
 from aiosync import (
@@ -72,14 +72,6 @@ def fd_state(fd: int) -> tuple[int, int, int, int]:
     """What an fd is (device, inode) and its flags (FD_CLOEXEC, O_NONBLOCK and co.)."""
     st_ = os.fstat(fd)
     return (st_.st_dev, st_.st_ino, fcntl.fcntl(fd, fcntl.F_GETFD), fcntl.fcntl(fd, fcntl.F_GETFL))
-
-
-def is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
 
 
 def spoil(fd: int) -> int:

@@ -16,25 +16,16 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Coroutine, Iterator
 from typing import Any
 
 import pytest
-from conftest import SOON, new_loop, soon
+from support import SOON, Forked, is_open, new_loop, pair, run_on, soon, until
 
-from aiosync import Barrier, ClosedResourceError, Completion, Role
-
-
-async def until(cond: Callable[[], bool], what: str) -> None:
-    for _ in range(1000):
-        if cond():
-            return
-        await asyncio.sleep(0)
-    raise AssertionError(f"never happened: {what}")
+from aiosync import Barrier, ClosedResourceError, Completion
 
 
 def read_exactly(fd: int, n: int) -> bytes:
@@ -45,14 +36,6 @@ def read_exactly(fd: int, n: int) -> bytes:
             break
         data += chunk
     return data
-
-
-def is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
 
 
 # ---------------------------------------------------------------------------------------
@@ -67,44 +50,36 @@ def test_a_killed_busy_waiter_loses_no_count(kind: str) -> None:
     c = Completion()
     report_r, report_w = os.pipe()
     go_r, go_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child
-        code = 1
-        try:
-            os.close(report_r)
-            os.close(go_w)
 
-            async def first() -> None:
-                await c.wait()
-                os.write(report_w, b"1")  # took its count...
-                os.read(go_r, 1)  # ...and keeps the loop busy until the SIGKILL
+    def waiting_child() -> None:  # pragma: no cover - runs in the child
+        async def first() -> None:
+            await c.wait()
+            os.write(report_w, b"1")  # took its count...
+            os.read(go_r, 1)  # ...and keeps the loop busy until the SIGKILL
 
-            async def main() -> None:
-                tasks = [asyncio.create_task(first()), asyncio.create_task(c.wait())]
-                await until(lambda: c._waitq.waiting == 2, "both parked")
-                os.write(report_w, b"P")
-                os.read(go_r, 1)  # the loop is busy while both completions arrive
-                await asyncio.gather(*tasks)
+        async def main() -> None:
+            tasks = [asyncio.create_task(first()), asyncio.create_task(c.wait())]
+            await until(lambda: c._waitq.waiting == 2, "both parked")
+            os.write(report_w, b"P")
+            os.read(go_r, 1)  # the loop is busy while both completions arrive
+            await asyncio.gather(*tasks)
 
-            loop = new_loop(kind)
-            loop.run_until_complete(main())
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(report_w)
-    os.close(go_r)
+        run_on(kind, main())
+
+    child = Forked(waiting_child)
     try:
+        os.close(report_w)
         assert read_exactly(report_r, 1) == b"P"
         c.complete()
         c.complete()
         os.write(go_w, b"g")  # the child's loop runs on: its first task resumes
         assert read_exactly(report_r, 1) == b"1"
-        os.kill(pid, signal.SIGKILL)
+        child.kill()
+        child.join(killed=True)
     finally:
-        _, status = os.waitpid(pid, 0)
-        os.close(report_r)
-        os.close(go_w)
-    assert os.waitstatus_to_exitcode(status) == -signal.SIGKILL
+        child.reap()
+        for fd in (report_r, go_r, go_w):
+            os.close(fd)
     assert c.try_wait(), "the count of the task that never ran was lost with the process"
     assert not c.try_wait(), "a count was duplicated"
     c.close()
@@ -113,17 +88,6 @@ def test_a_killed_busy_waiter_loses_no_count(kind: str) -> None:
 # ---------------------------------------------------------------------------------------
 # A wait left pending in a closed loop
 # ---------------------------------------------------------------------------------------
-
-
-def barrier_pair() -> tuple[Barrier, Barrier]:
-    """A PARENT and a CHILD side of one barrier, both in this process."""
-    parent = Barrier()
-    child = Barrier._adopt(
-        os.dup(parent._me), os.dup(parent._them), os.dup(parent._pipe_r), os.dup(parent._pipe_w)
-    )
-    parent.set_role(Role.PARENT)
-    child.set_role(Role.CHILD)
-    return parent, child
 
 
 class Subject:
@@ -135,7 +99,7 @@ class Subject:
         if name == "completion":
             self.obj: Barrier | Completion = Completion()
         else:
-            self.obj, self.peer = barrier_pair()
+            self.obj, self.peer = pair()
 
     @property
     def waiting(self) -> int:

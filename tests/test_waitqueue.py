@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import select
 import threading
 import weakref
 from collections import Counter
@@ -43,7 +42,7 @@ from typing import Any, TypeVar
 
 import pytest
 import uvloop
-from conftest import SOON, soon
+from support import SOON, Forked, is_open, new_loop, soon, until
 
 from aiosync import ClosedResourceError, _fd
 from aiosync._waitq import LoopSlot, WaitQueue
@@ -54,14 +53,6 @@ T = TypeVar("T")
 # ---------------------------------------------------------------------------------------
 # Spy loops
 # ---------------------------------------------------------------------------------------
-
-
-def is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
 
 
 class Spy:
@@ -127,15 +118,6 @@ def run_spied(kind: str, main: Callable[[Spy], Coroutine[Any, Any, T]]) -> tuple
     with asyncio.Runner(loop_factory=lambda: loop) as runner:
         result = runner.run(main(loop.spy))
     return result, loop.spy
-
-
-async def until(done: Callable[[], bool], what: str) -> None:
-    """Yield to the loop until `done()` (an fd event that is already pending)."""
-    for _ in range(1000):
-        if done():
-            return
-        await asyncio.sleep(0)
-    raise AssertionError(f"after 1000 loop iterations, still not: {what}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -616,6 +598,10 @@ def test_a_dropped_primitive_is_not_kept_alive_by_its_registration(kind: str) ->
 # ---------------------------------------------------------------------------------------
 
 
+# Forks with a thread alive on purpose (it holds the queue's lock at the fork).
+@pytest.mark.filterwarnings(
+    r"ignore:This process \(pid=\d+\) is multi-threaded, use of fork\(\):DeprecationWarning"
+)
 def test_forked_child_forgets_the_parents_registrations(kind: str, tally: Tally) -> None:
     """The child closes the primitive and uses it on a loop of its own; the parent's
     paused loop still gets its event (the shared epoll instance was not touched), and
@@ -640,27 +626,10 @@ def test_forked_child_forgets_the_parents_registrations(kind: str, tally: Tally)
         h = threading.Thread(target=holder)
         h.start()
         assert holder_has_lock.wait(SOON)
-        report_r, report_w = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - runs in the child
-            code = 1
-            try:
-                os.close(report_r)
-                code = forked_child(tally, kind)
-                os.write(report_w, b"ok")
-            finally:
-                os._exit(code)
-        os.close(report_w)
+        child = Forked(lambda: forked_child(tally, kind), with_threads=True)
         release_holder.set()
         h.join()
-        try:
-            ready, _, _ = select.select([report_r], [], [], SOON)
-            assert ready, "the forked child hung"
-            assert os.read(report_r, 16) == b"ok"
-        finally:
-            _, status = os.waitpid(pid, 0)
-            os.close(report_r)
-        assert os.waitstatus_to_exitcode(status) == 0
+        child.join()
         # The parent's registration still works: its waiter gets the next unit.
         tally.post()
         assert loop.run_until_complete(soon(task)) == 1
@@ -668,10 +637,10 @@ def test_forked_child_forgets_the_parents_registrations(kind: str, tally: Tally)
         loop.close()
 
 
-def forked_child(tally: Tally, kind: str) -> int:  # pragma: no cover - runs in a child
+def forked_child(tally: Tally, kind: str) -> None:  # pragma: no cover - runs in a child
     queue = tally.queue
-    if queue.waiting != 0 or list(queue.slots()):
-        return 2
+    assert queue.waiting == 0, "the parent's waiter is counted in the child"
+    assert not list(queue.slots()), "the parent's loop is known in the child"
 
     async def main() -> int:
         task = asyncio.create_task(tally.take())
@@ -681,13 +650,7 @@ def forked_child(tally: Tally, kind: str) -> int:  # pragma: no cover - runs in 
 
     loop = new_loop(kind)
     try:
-        if loop.run_until_complete(main()) != 1:
-            return 3
+        assert loop.run_until_complete(main()) == 1
     finally:
         loop.close()
     tally.close()  # with the parent's slot forgotten, this touches no parent loop
-    return 0
-
-
-def new_loop(kind: str) -> asyncio.AbstractEventLoop:
-    return uvloop.new_event_loop() if kind == "uvloop" else asyncio.new_event_loop()

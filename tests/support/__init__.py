@@ -168,6 +168,15 @@ def fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def is_open(fd: int) -> bool:
+    """Whether `fd` is an open fd of this process."""
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
 # ---------------------------------------------------------------------------------------
 # Barriers in one process
 # ---------------------------------------------------------------------------------------
