@@ -22,7 +22,12 @@ RUNNER = """
 import asyncio, runpy, sys
 if sys.argv[1] == "uvloop":
     import uvloop
-    asyncio.run = uvloop.run
+
+    def run(main, **_):  # not uvloop.run: from 3.12 it calls asyncio.run itself
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(main)
+
+    asyncio.run = run
 sys.argv = sys.argv[2:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
