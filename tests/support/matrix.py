@@ -66,7 +66,9 @@ class Interpreter:
         """`argv` (paths in this checkout) in the interpreter's own root; its output
         captured, or written to `log`."""
         if self.chroot is not None:
-            script = f"cd {shlex.quote(str(REPO))} && exec {shlex.join(argv)}"
+            # The checkout is bind-mounted into the root only once the runs start; the
+            # probe that comes before runs from the root's /.
+            script = f"cd {shlex.quote(str(REPO))} 2>/dev/null || cd /; exec {shlex.join(argv)}"
             argv = ["chroot", self.chroot, "/bin/sh", "-c", script]
         if log is not None:
             return subprocess.run(
