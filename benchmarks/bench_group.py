@@ -21,7 +21,8 @@ protocol is systemd's: each side writes its own eventfd and reads the other's, s
 raw child is a valid peer of a Barrier.)
 
 Larger groups take longer per round: a run does fewer rounds for larger N
-(`ROUNDS`), stated in the figures' title.
+(`ROUNDS`), stated in each figure's configuration. Pinned and unpinned are two
+figures (a table and a chart row each: sixteen configurations would not fit one).
 
 Target: aiosync <= 1.25 x the floor. The group used to be compared with a hand-written
 ``asyncio.gather()`` of N ``Barrier.sync()`` calls; that comparison is gone: the floor
@@ -195,13 +196,23 @@ class AiosyncGroup:
             self.group.close()
 
 
-async def _child(me: int, them: int, rounds: int) -> None:
+async def _child(me: int, them: int, rounds: int, parent: int) -> None:
+    """The raw side of one Barrier, the same in both contenders.
+
+    It also watches the parent's pidfd (a silent fd), so that a parent killed mid-run
+    leaves no child waiting for ever.
+    """
+    loop = asyncio.get_running_loop()
+    watch = os.pidfd_open(parent)  # ProcessLookupError if it is gone already
+    loop.add_reader(watch, os._exit, 1)
     step = raw_place_and_sync(me, them)
     try:
         for _ in range(warmup(rounds) + rounds):
             await step()
     finally:
-        asyncio.get_running_loop().remove_reader(them)
+        loop.remove_reader(them)
+        loop.remove_reader(watch)
+        os.close(watch)
 
 
 async def _parent(contender: Contender, pids: Sequence[int], rounds: int) -> float:
@@ -250,6 +261,7 @@ async def _parent(contender: Contender, pids: Sequence[int], rounds: int) -> flo
 def run_group(make: Callable[[], Contender], n: int, kind: str, rounds: int) -> float:
     """Fork `n` children and time `rounds` rounds of the parent: microseconds per round."""
     contender = make()
+    parent = os.getpid()
     pids: list[int] = []
     try:
         wires = contender.wires(n)
@@ -261,7 +273,7 @@ def run_group(make: Callable[[], Contender], n: int, kind: str, rounds: int) -> 
                 code = 0
                 try:
                     contender.in_child(i)
-                    run_on(kind, _child(child_fd, parent_fd, rounds))
+                    run_on(kind, _child(child_fd, parent_fd, rounds, parent))
                 except BaseException:
                     traceback.print_exc()
                     code = 1
@@ -292,9 +304,6 @@ def _runner(make: Callable[[], Contender], n: int, kind: str, rounds: int) -> Ca
 
 def measure(pinned: bool, rounds: dict[int, int], repetitions: int) -> list[list[object]]:
     pin(pinned)
-    measured = "place_and_sync() with N children, rounds per run " + ", ".join(
-        f"{r} at N={n}" for n, r in rounds.items()
-    )
     rows: list[list[object]] = []
     for n, r in rounds.items():
         for kind in LOOP_KINDS:
@@ -304,8 +313,8 @@ def measure(pinned: bool, rounds: dict[int, int], repetitions: int) -> list[list
             rows.append([n, r, kind, floor, group, ratio, verdict(ratio, TARGET)])
             record(
                 "BarrierGroup",
-                measured,
-                f"N={n}, {cpu_label(pinned)}, {kind}",
+                f"place_and_sync() with N children, {cpu_label(pinned)}",
+                f"N={n} ({r} rounds), {kind}",
                 "µs per round",
                 {"floor": floor, "aiosync": group},
                 [Check("aiosync / floor", ratio, TARGET)],

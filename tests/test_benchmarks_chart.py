@@ -189,3 +189,29 @@ def test_no_chart_means_no_chart(tmp_path: Path) -> None:
     publish(record_a_run(), quick=False, draw=False, results=results, pages=[page], png=png)
     assert results.exists()
     assert not png.exists()
+
+
+def test_times_spread_wide_are_drawn_on_a_log_scale() -> None:
+    """1 child against 64: on a linear axis the small group's bars would not show."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def group(*sizes: int) -> list[Figure]:
+        return [
+            Figure("Group", "sync", f"N={n}", "µs", {"floor": 10.0 * n, "aiosync": 12.0 * n})
+            for n in sizes
+        ]
+
+    fig, (wide, narrow) = plt.subplots(1, 2)
+    try:
+        chart._draw_values(wide, group(1, 4, 16, 64))  # 10 to 768: more than LOG_SPREAD
+        chart._draw_values(narrow, group(1, 2))  # 10 to 24
+        assert wide.get_yscale() == "log"
+        assert wide.get_ylim()[0] < 10.0
+        assert "log scale" in wide.get_ylabel()
+        assert narrow.get_yscale() == "linear"
+        assert narrow.get_ylim()[0] == 0
+    finally:
+        plt.close(fig)
