@@ -191,6 +191,7 @@ def test_no_chart_means_no_chart(tmp_path: Path) -> None:
     assert not png.exists()
 
 
+@needs_matplotlib
 def test_times_spread_wide_are_drawn_on_a_log_scale() -> None:
     """1 child against 64: on a linear axis the small group's bars would not show."""
     import matplotlib
