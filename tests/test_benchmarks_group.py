@@ -16,7 +16,7 @@ import signal
 import struct
 
 import pytest
-from conftest import LOOP_KINDS, SOON
+from support import LOOP_KINDS, SOON
 
 from benchmarks._common import Step, run_on
 from benchmarks.bench_group import AiosyncGroup, Contender, RawGroupFloor, run_group
