@@ -1,7 +1,8 @@
 """`make bench`: run every benchmark module (benchmarks/bench_*.py) in turn.
 
 Then merge what they measured into benchmarks/results.json, rewrite the tables of
-docs/performance.md and redraw docs/performance.png (skipped, with a note, when
+docs/performance.md and of every other page that shows figures (`report.PAGES`) and
+redraw docs/performance.png (skipped, with a note, when
 matplotlib is not installed, or with --no-chart).
 
 Usage: python -m benchmarks [--quick] [--no-chart] [NAME ...]
@@ -13,6 +14,7 @@ import argparse
 import importlib
 import pkgutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from . import _results, chart, report
@@ -52,15 +54,15 @@ def publish(
     quick: bool,
     draw: bool = True,
     results: Path = _results.RESULTS,
-    page: Path = report.PAGE,
+    pages: Sequence[Path] = report.PAGES,
     png: Path = chart.PNG,
     busy: dict[str, dict[str, float]] | None = None,
 ) -> None:
-    """Merge `found` into results.json, rewrite the page's tables, redraw the chart."""
+    """Merge `found` into results.json, rewrite the pages' tables, redraw the chart."""
     data = _results.save(found, quick, results, busy)
     print(f"\nresults: {_shown(results)}")
-    report.update(page, data)
-    print(f"report: {_shown(page)}")
+    report.update_all(pages, data)
+    print(f"report: {', '.join(_shown(page) for page in pages)}")
     if not draw:
         return
     try:

@@ -107,6 +107,42 @@ WARMUP = 200  # round trips before timing starts
 Step = Callable[[], Awaitable[Any]]
 
 
+def raw_place_and_sync(me: int, them: int) -> Step:
+    """The raw floor of a Barrier's ``place_and_sync()``, one side, on the running loop.
+
+    Write my eventfd, then await the peer's (symmetric: neither side waits for the
+    other to go first), with one ``add_reader`` registration on ``them`` kept for the
+    whole run: the caller removes it with ``loop.remove_reader(them)``. It does not use
+    aiosync.
+    """
+    loop = asyncio.get_running_loop()
+    ahead = 0  # eventfd writes of mine minus the peer's I have read
+    waiter: asyncio.Future[None] | None = None
+
+    def readable() -> None:
+        nonlocal ahead
+        try:
+            ahead -= os.eventfd_read(them)
+        except BlockingIOError:
+            return
+        if waiter is not None and ahead <= 0 and not waiter.done():
+            waiter.set_result(None)
+
+    async def place_and_sync() -> None:
+        nonlocal ahead, waiter
+        os.eventfd_write(me, 1)
+        ahead += 1
+        if ahead > 0:
+            waiter = loop.create_future()
+            try:
+                await waiter
+            finally:
+                waiter = None
+
+    loop.add_reader(them, readable)
+    return place_and_sync
+
+
 class Contender(Protocol):
     """Something both processes do in lockstep, one round trip per ``step()``."""
 

@@ -8,8 +8,8 @@ unpinned:
 
 * ``floor``: a minimal hand-written program on raw eventfds: each side writes its
   eventfd and then awaits the other's (symmetric, as ``place_and_sync()`` is), with one
-  ``add_reader`` registration kept for the whole run. It does not use aiosync; this is
-  the only place outside ``aiosync/_fd.py`` that calls ``add_reader``.
+  ``add_reader`` registration kept for the whole run (`_common.raw_place_and_sync`,
+  which is also the children's side in bench_group). It does not use aiosync.
 * ``aiosync``: ``await barrier.place_and_sync()``.
 * ``mp.Barrier``: ``multiprocessing.Barrier(2).wait`` awaited through
   ``loop.run_in_executor`` with a one-thread executor in each process (fewer rounds:
@@ -41,6 +41,7 @@ from ._common import (
     alternate,
     cpu_label,
     pin,
+    raw_place_and_sync,
     round_trip,
     table,
     verdict,
@@ -65,32 +66,7 @@ class RawFloor:
     def side(self, parent: bool) -> Step:
         me, them = self.fds if parent else self.fds[::-1]
         self.them = them
-        loop = asyncio.get_running_loop()
-        ahead = 0  # eventfd writes of mine minus the peer's I have read
-        waiter: asyncio.Future[None] | None = None
-
-        def readable() -> None:
-            nonlocal ahead
-            try:
-                ahead -= os.eventfd_read(them)
-            except BlockingIOError:
-                return
-            if waiter is not None and ahead <= 0 and not waiter.done():
-                waiter.set_result(None)
-
-        async def place_and_sync() -> None:
-            nonlocal ahead, waiter
-            os.eventfd_write(me, 1)
-            ahead += 1
-            if ahead > 0:
-                waiter = loop.create_future()
-                try:
-                    await waiter
-                finally:
-                    waiter = None
-
-        loop.add_reader(them, readable)
-        return place_and_sync
+        return raw_place_and_sync(me, them)
 
     def finish(self) -> None:
         asyncio.get_running_loop().remove_reader(self.them)

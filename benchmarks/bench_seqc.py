@@ -11,7 +11,10 @@ Same run, same record ("qqd"), alternating repetitions, medians (docs/design.md 
   "unpinned" lets the scheduler place the three processes on the machine's CPUs. The
   target is on the writer's rate per second of its own CPU time (contention, which
   readers must not cause, shows there; sharing a CPU with them does not); the rate per
-  wall-clock second is shown beside it.
+  wall-clock second is shown beside it;
+* the same writer's cost against its floor, an unsynchronized ``struct.pack_into`` of
+  the same values into the same shared memory, alone (target: write() <= 1.5 x) and
+  beside two unsynchronized readers (what any shared-memory writer pays).
 
 Usage: python -m benchmarks seqc [--quick]
 """
@@ -281,17 +284,30 @@ def bench_writer(
         * 1000
         for helper in HELPERS
     }
+    unsync_alone = median(cpu_times[("pack_into (unsync.)", "alone")])
+    per_write["pack_into alone"] = unsync_alone * 1000
+    per_write["pack_into beside 2 unsync. readers"] = (
+        median(cpu_times[("pack_into (unsync.)", "2 unsynchronized readers")]) * 1000
+    )
     _results.record(
         "SeqRecord",
         "write() with readers going flat out",
         label,
         "ns per write (CPU time)",
         per_write,
-        [Check("throughput beside 2 readers / alone", alone_time / readers, 0.9, at_most=False)],
+        [
+            Check("throughput beside 2 readers / alone", alone_time / readers, 0.9, at_most=False),
+            Check("write() / pack_into, alone", alone_time / unsync_alone, 1.5),
+        ],
     )
     notes.append(
         f"{label}: write() beside 2 readers runs at {busy / readers:.2f} x its rate "
         "beside 2 busy processes that do not read"
+    )
+    over_floor = alone_time / unsync_alone
+    notes.append(
+        f"{label}: write() alone costs {over_floor:.2f} x an unsynchronized pack_into "
+        f"alone, {verdict(over_floor, 1.5)}"
     )
     return rows
 

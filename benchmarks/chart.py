@@ -3,7 +3,8 @@
 One row per primitive and measurement, two panels per row:
 
 - left, what was timed: the contenders side by side (the floor or the baseline first,
-  aiosync, the peers) in every configuration (pinned or not, asyncio or uvloop);
+  aiosync, the peers) in every configuration (pinned or not, asyncio or uvloop), on a
+  log scale when the times span more than `LOG_SPREAD` x (1 child against 64);
 - right, what is judged: every checked ratio of that configuration as a bar on a log
   scale, its target drawn across the bar as a black line, the ratio written above it,
   green when the target is met and red when it is missed.
@@ -32,6 +33,8 @@ MISSED = "#c62828"
 # Ratio ticks on the log axis (the ones in the drawn range), fine for a narrow range.
 FINE_TICKS = (0.25, 0.5, 0.75, 1, 1.25, 1.5, 2, 2.5, 3, 4, 6, 8)
 COARSE_TICKS = (0.0625, 0.125, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
+# Times spread wider than this (largest / smallest) are drawn on a log scale.
+LOG_SPREAD = 30
 
 
 def _names(group: list[Figure]) -> list[str]:
@@ -53,9 +56,15 @@ def _draw_values(ax: Any, group: list[Figure]) -> None:
         xs = [i + (k - (len(names) - 1) / 2) * width for i in range(len(group))]
         ys = [f.values.get(name, 0.0) for f in group]
         ax.bar(xs, ys, width, label=name, color=CONTENDER_COLORS[k % len(CONTENDER_COLORS)])
-    top = max(v for f in group for v in f.values.values())
-    ax.set_ylim(0, top * 1.3)  # room for the legend
-    ax.set_ylabel(group[0].unit, fontsize=8)
+    values = [v for f in group for v in f.values.values() if v > 0]
+    top = max(values)
+    if top / min(values) > LOG_SPREAD:  # say 10 µs and 5 ms: a log scale shows both
+        ax.set_yscale("log")
+        ax.set_ylim(min(values) / 1.5, top * 6)  # room for the legend
+        ax.set_ylabel(f"{group[0].unit} (log scale)", fontsize=8)
+    else:
+        ax.set_ylim(0, top * 1.3)  # room for the legend
+        ax.set_ylabel(group[0].unit, fontsize=8)
     ax.legend(fontsize=7, loc="upper left", ncol=min(len(names), 3), frameon=False)
 
 

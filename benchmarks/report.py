@@ -1,21 +1,30 @@
-"""Write the benchmark tables of docs/performance.md from benchmarks/results.json.
+"""Write the benchmark tables of the docs from benchmarks/results.json.
 
-The tables go between the ``<!-- results:begin -->`` and ``<!-- results:end -->``
-markers, so the page never drifts from the last measured run. `python -m benchmarks`
-calls this after every run; to redo it by hand: ``python -m benchmarks.report``.
+Every page that shows a measured figure takes it from there: the tables go between
+``<!-- results:begin -->`` and ``<!-- results:end -->`` markers (every primitive's
+tables), or ``<!-- results:begin SeqRecord -->`` and the same end marker (one
+primitive's), so no page drifts from the last measured run. The pages are `PAGES`:
+docs/performance.md has them all, docs/seqc.md SeqRecord's. `python -m benchmarks`
+rewrites them after every run; to redo it by hand: ``python -m benchmarks.report``.
 """
 
 from __future__ import annotations
 
+import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ._results import ROOT, Figure, figures, load
 
 PAGE = ROOT / "docs" / "performance.md"
+PAGES = (PAGE, ROOT / "docs" / "seqc.md")
 BEGIN = "<!-- results:begin -->"
 END = "<!-- results:end -->"
+# A generated block: its begin marker (naming a primitive, or none for all of them),
+# whatever is there now, and the end marker.
+BLOCK = re.compile(r"<!-- results:begin(?: (?P<only>\w+))? -->.*?<!-- results:end -->", re.S)
 ORDER = ("Barrier", "BarrierGroup", "Completion", "SeqRecord")
 
 
@@ -41,9 +50,11 @@ def grouped(found: list[Figure]) -> dict[tuple[str, str], list[Figure]]:
     return groups
 
 
-def tables(data: dict[str, Any]) -> str:
+def tables(data: dict[str, Any], only: str | None = None) -> str:
+    """Markdown tables of every figure in `data`, or of primitive `only`'s."""
     parts: list[str] = []
-    for (primitive, measure), group in grouped(figures(data)).items():
+    found = [f for f in figures(data) if only is None or f.primitive == only]
+    for (primitive, measure), group in grouped(found).items():
         contenders = list(dict.fromkeys(name for f in group for name in f.values))
         about = data["runs"].get(primitive, {})
         parts.append(f"### {primitive}: {measure}\n")
@@ -64,20 +75,45 @@ def tables(data: dict[str, Any]) -> str:
     return "\n".join(parts).rstrip() + "\n"
 
 
+def render(text: str, data: dict[str, Any], name: str = "page") -> str:
+    """`text` with every generated block rewritten from `data`.
+
+    Raises:
+        ValueError: `text` has no block, or a block names a primitive `data` has no
+            figures of (`name` says which page, in the message).
+    """
+
+    def block(match: re.Match[str]) -> str:
+        only = match["only"]
+        body = tables(data, only)
+        if not body.strip():
+            raise ValueError(f"{name}: no figures of {only or 'any primitive'} in the results")
+        begin = f"<!-- results:begin {only} -->" if only else BEGIN
+        return f"{begin}\n\n{body}\n{END}"
+
+    if not BLOCK.search(text):
+        raise ValueError(f"{name} has no {BEGIN} ... {END} markers")
+    return BLOCK.sub(block, text)
+
+
 def update(page: Path = PAGE, data: dict[str, Any] | None = None) -> None:
-    """Rewrite the generated part of `page` from `data` (default: results.json)."""
+    """Rewrite the generated blocks of `page` from `data` (default: results.json)."""
     text = page.read_text()
-    if BEGIN not in text or END not in text:
-        raise ValueError(f"{page} has no {BEGIN} ... {END} markers")
-    head, _, rest = text.partition(BEGIN)
-    _, _, tail = rest.partition(END)
-    body = tables(load() if data is None else data)
-    page.write_text(f"{head}{BEGIN}\n\n{body}\n{END}{tail}")
+    new = render(text, load() if data is None else data, str(page))
+    if new != text:
+        page.write_text(new)
+
+
+def update_all(pages: Sequence[Path] = PAGES, data: dict[str, Any] | None = None) -> None:
+    """`update` every page of `pages`, all from the same results."""
+    data = load() if data is None else data
+    for page in pages:
+        update(page, data)
 
 
 def main() -> int:
-    update()
-    print(f"report: tables written to {PAGE.relative_to(ROOT)}")
+    update_all()
+    print(f"report: tables written to {', '.join(str(p.relative_to(ROOT)) for p in PAGES)}")
     return 0
 
 

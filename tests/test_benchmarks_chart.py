@@ -78,7 +78,7 @@ def test_a_run_is_published(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     results, page, png = tmp_path / "results.json", tmp_path / "perf.md", tmp_path / "c.png"
     page.write_text(PAGE)
     busy = {"Semaphore": {"others": 0.5, "steal": 0.25}, "Timer": {"others": 1.5, "steal": 0.0}}
-    publish(record_a_run(), quick=True, results=results, page=page, png=png, busy=busy)
+    publish(record_a_run(), quick=True, results=results, pages=[page], png=png, busy=busy)
 
     data = json.loads(results.read_text())
     assert set(data["runs"]) == {"Completion", "Semaphore", "Timer"}
@@ -118,10 +118,10 @@ def test_a_run_is_published(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
 def test_a_partial_run_redraws_from_the_merged_results(tmp_path: Path) -> None:
     results, page, png = tmp_path / "results.json", tmp_path / "perf.md", tmp_path / "c.png"
     page.write_text(PAGE)
-    publish(record_a_run(), quick=False, results=results, page=page, png=png)
+    publish(record_a_run(), quick=False, results=results, pages=[page], png=png)
     first = png.read_bytes()
     again = [Figure("Timer", "tick", "unpinned", "ns", {"aiosync": 90.0})]
-    publish(again, quick=True, results=results, page=page, png=png)
+    publish(again, quick=True, results=results, pages=[page], png=png)
 
     data = json.loads(results.read_text())
     assert "busy" not in data["runs"]["Timer"]  # not given this time
@@ -173,7 +173,7 @@ def test_without_matplotlib_the_chart_is_skipped_with_a_note(
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib fails
     results, page, png = tmp_path / "results.json", tmp_path / "perf.md", tmp_path / "c.png"
     page.write_text(PAGE)
-    publish(record_a_run(), quick=False, results=results, page=page, png=png)
+    publish(record_a_run(), quick=False, results=results, pages=[page], png=png)
     assert results.exists()
     assert "### Completion: hand-off" in page.read_text()
     assert not png.exists()
@@ -186,6 +186,33 @@ def test_without_matplotlib_the_chart_is_skipped_with_a_note(
 def test_no_chart_means_no_chart(tmp_path: Path) -> None:
     results, page, png = tmp_path / "results.json", tmp_path / "perf.md", tmp_path / "c.png"
     page.write_text(PAGE)
-    publish(record_a_run(), quick=False, draw=False, results=results, page=page, png=png)
+    publish(record_a_run(), quick=False, draw=False, results=results, pages=[page], png=png)
     assert results.exists()
     assert not png.exists()
+
+
+@needs_matplotlib
+def test_times_spread_wide_are_drawn_on_a_log_scale() -> None:
+    """1 child against 64: on a linear axis the small group's bars would not show."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def group(*sizes: int) -> list[Figure]:
+        return [
+            Figure("Group", "sync", f"N={n}", "µs", {"floor": 10.0 * n, "aiosync": 12.0 * n})
+            for n in sizes
+        ]
+
+    fig, (wide, narrow) = plt.subplots(1, 2)
+    try:
+        chart._draw_values(wide, group(1, 4, 16, 64))  # 10 to 768: more than LOG_SPREAD
+        chart._draw_values(narrow, group(1, 2))  # 10 to 24
+        assert wide.get_yscale() == "log"
+        assert wide.get_ylim()[0] < 10.0
+        assert "log scale" in wide.get_ylabel()
+        assert narrow.get_yscale() == "linear"
+        assert narrow.get_ylim()[0] == 0
+    finally:
+        plt.close(fig)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -117,3 +118,68 @@ def test_the_published_results_make_a_report() -> None:
     assert primitives == {"Barrier", "BarrierGroup", "Completion", "SeqRecord"}
     assert set(data["runs"]) == primitives
     assert "### Completion" in report.tables(data)
+
+
+def test_a_block_can_hold_one_primitive(tmp_path: Path) -> None:
+    data = _results.merge(
+        {"runs": {}, "figures": []},
+        [barrier("pinned, asyncio", 15.0), seqrecord()],
+        quick=False,
+    )
+    page = tmp_path / "seqc.md"
+    page.write_text(
+        f"# SeqRecord\n\n<!-- results:begin SeqRecord -->\nold\n{report.END}\n\n"
+        f"and all:\n\n{report.BEGIN}\n{report.END}\n"
+    )
+    report.update(page, data)
+    text = page.read_text()
+    one, _, every = text.partition("and all:")
+    assert one.startswith("# SeqRecord\n\n<!-- results:begin SeqRecord -->\n\n### SeqRecord")
+    assert "old" not in one
+    assert "### Barrier" not in one
+    assert "### Barrier" in every
+    assert "### SeqRecord" in every
+    report.update(page, data)  # idempotent, the primitive kept in the marker
+    assert page.read_text() == text
+
+
+def test_a_block_of_a_primitive_never_measured_is_refused(tmp_path: Path) -> None:
+    data = _results.merge({"runs": {}, "figures": []}, [seqrecord()], quick=False)
+    page = tmp_path / "lock.md"
+    text = f"<!-- results:begin Lock -->\n{report.END}\n"
+    page.write_text(text)
+    with pytest.raises(ValueError, match="no figures of Lock"):
+        report.update(page, data)
+    assert page.read_text() == text  # untouched
+
+
+def test_the_committed_pages_agree_with_the_committed_results() -> None:
+    """Running the report on the committed results.json changes no page."""
+    data = _results.load()
+    for page in report.PAGES:
+        text = page.read_text()
+        assert report.BLOCK.search(text), f"{page.name} has no generated block"
+        assert report.render(text, data, page.name) == text, (
+            f"{page.name} disagrees with benchmarks/results.json: run python -m benchmarks.report"
+        )
+
+
+# A time in the benchmarks' units: "87 ns", "13.0 µs", "87-88 ns" (an en dash too).
+# Milliseconds are left alone: the docs give backoff caps and sample output in them.
+TIME = re.compile(r"\d[\d.,]*(?:[-\u2013]\d[\d.,]*)?\s?(?:ns|µs)\b")
+
+
+def test_no_page_quotes_a_time_outside_a_generated_block() -> None:
+    """A measured time lives in a block rewritten from results.json, or not at all.
+
+    (docs/performance.md's run-to-run study is ratios of dated runs, not times.)
+    """
+    assert TIME.findall("87 ns, 13.0 µs, 87\u201388 ns, 10 ms") == [
+        "87 ns",
+        "13.0 µs",
+        "87\u201388 ns",
+    ]
+    pages = [*sorted((_results.ROOT / "docs").glob("*.md")), _results.ROOT / "README.md"]
+    for page in pages:
+        outside = report.BLOCK.sub("", page.read_text())
+        assert not TIME.findall(outside), f"{page.name} quotes a time outside a generated block"
