@@ -1,0 +1,115 @@
+"""Instructions per round trip, counted by valgrind's callgrind: a figure that does not
+depend on how busy the machine is (the same binary and inputs give the same count).
+
+Usage: python -m benchmarks.instructions [--kinds asyncio,uvloop] [NAME ...]
+(NAME: barrier, completion; default both)
+
+For each primitive and loop, aiosync's round trip and the raw floor's run under callgrind
+twice, with 500 and 1,500 round trips, both processes pinned to CPU 0; the difference,
+divided by 1,000, is each process's cost of one round trip without start-up and
+warm-up. Takes about a minute per line. Needs valgrind (Debian's package); not part of
+`make bench`, and nothing is written to results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from . import _common, bench_barrier, bench_completion
+
+CONTENDERS: dict[str, dict[str, Callable[[], _common.Contender]]] = {
+    "barrier": {"aiosync": bench_barrier.AiosyncBarrier, "floor": bench_barrier.RawFloor},
+    "completion": {
+        "aiosync": bench_completion.AiosyncHandoff,
+        "floor": bench_completion.RawFloor,
+    },
+}
+ROUNDS = (500, 1500)
+
+
+def child_main(name: str, contender: str, kind: str, rounds: int) -> None:
+    """Run under callgrind: `rounds` round trips, parent and forked child on CPU 0."""
+    os.sched_setaffinity(0, {0})
+    _common.round_trip(CONTENDERS[name][contender], kind, rounds)
+
+
+def totals(directory: str) -> list[int]:
+    """Instructions of each process that wrote an output file, parent (lowest pid) first."""
+    counts = []
+    paths = sorted(glob.glob(f"{directory}/out.*"), key=lambda p: int(p.rsplit(".", 1)[1]))
+    for path in paths:
+        with open(path, encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith(("summary:", "totals:")):
+                    counts.append(int(line.split()[1]))
+                    break
+    return counts
+
+
+def count(name: str, contender: str, kind: str) -> tuple[float, float]:
+    """(parent, child) instructions per round trip."""
+    runs = []
+    for rounds in ROUNDS:
+        with tempfile.TemporaryDirectory() as out:
+            subprocess.run(
+                [
+                    "valgrind",
+                    "--tool=callgrind",
+                    f"--callgrind-out-file={out}/out.%p",
+                    sys.executable,
+                    "-m",
+                    "benchmarks.instructions",
+                    "--child",
+                    name,
+                    contender,
+                    kind,
+                    str(rounds),
+                ],
+                cwd=Path(__file__).resolve().parents[1],
+                capture_output=True,
+                check=True,
+            )
+            runs.append(totals(out))
+    (parent0, child0), (parent1, child1) = runs
+    trips = ROUNDS[1] - ROUNDS[0]
+    return (parent1 - parent0) / trips, (child1 - child0) / trips
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.instructions")
+    parser.add_argument("--kinds", default="asyncio,uvloop")
+    parser.add_argument("--child", nargs=4, metavar=("NAME", "CONTENDER", "KIND", "ROUNDS"))
+    parser.add_argument("names", nargs="*", help="barrier, completion (default: both)")
+    args = parser.parse_args(argv)
+    unknown = set(args.names) - set(CONTENDERS)
+    if unknown and not args.child:
+        parser.error(f"unknown: {', '.join(sorted(unknown))} (barrier, completion)")
+    if args.child:
+        name, contender, kind, rounds = args.child
+        child_main(name, contender, kind, int(rounds))
+        return
+    if shutil.which("valgrind") is None:
+        raise SystemExit("valgrind is not installed (Debian: apt-get install valgrind)")
+    print("instructions per round trip and process (parent / child), callgrind, CPU 0")
+    for name in args.names or list(CONTENDERS):
+        for kind in args.kinds.split(","):
+            floor = count(name, "floor", kind)
+            ours = count(name, "aiosync", kind)
+            ratio = (ours[0] + ours[1]) / (floor[0] + floor[1])
+            print(
+                f"{name:<10} {kind:<7}  aiosync {ours[0] / 1000:5.1f}k / {ours[1] / 1000:5.1f}k"
+                f"   floor {floor[0] / 1000:5.1f}k / {floor[1] / 1000:5.1f}k   x {ratio:.2f}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
