@@ -254,13 +254,18 @@ class Completion(Resource):
         try:
             poller: select.poll = self._pollers.poller
         except AttributeError:
-            poller = self._pollers.poller = select.poll()
-            poller.register(self._count, select.POLLIN)
-            poller.register(self._all, select.POLLIN)
+            count, all_ = self._count, self._all
+            if count < 0:  # closed (by another thread) since the caller's check
+                raise _closed_error() from None
+            poller = select.poll()
+            poller.register(count, select.POLLIN)
+            poller.register(all_, select.POLLIN)
+            self._pollers.poller = poller
+            self._pollers.all = all_
         all_done = available = False
         for fd, events in poller.poll(0):
             if events & select.POLLIN:
-                if fd == self._all:
+                if fd == self._pollers.all:
                     all_done = True
                 else:
                     available = True

@@ -80,6 +80,8 @@ def read_eventfd(fd: int) -> int:
         return 0
     except OSError as exc:
         raise _closed(exc) from None
+    except ValueError:  # -1: the object was closed (by another thread) meanwhile
+        raise _closed(OSError(errno.EBADF, "closed")) from None
 
 
 def write_eventfd(fd: int, value: int) -> bool:
@@ -90,6 +92,8 @@ def write_eventfd(fd: int, value: int) -> bool:
         if exc.errno == errno.EBADF:
             raise _closed(exc) from None
         return False
+    except ValueError:  # -1: the object was closed (by another thread) meanwhile
+        raise _closed(OSError(errno.EBADF, "closed")) from None
     return True
 
 

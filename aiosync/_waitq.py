@@ -483,9 +483,11 @@ class WaitQueue(Generic[C, R]):
         """Close the queue: fail every waiter, wake blocked threads, drop every
         registration, then close `fds` (the primitive's, taken under ``lock``).
 
-        Registrations of a loop running in another thread are removed in that thread;
-        the fds are closed after the last of them. Waiters of closed loops are
-        abandoned silently. Idempotent: later calls close nothing.
+        Registrations of a loop running in another thread are removed in that thread,
+        by a callback queued *before* its waiters' failures (so their tasks cannot end,
+        and the loop close, first); the fds are closed after the last removal (or, if
+        such a loop is closed with the callback still queued, when that callback is
+        dropped). Waiters of closed loops are abandoned silently. Idempotent.
         """
         with self.lock:
             if self._closed:
@@ -496,28 +498,27 @@ class WaitQueue(Generic[C, R]):
             me = threading.get_ident()
             remote: list[LoopSlot[C, R]] = []
             for slot in self._slots.values():
-                for waiter in slot.waiters:
-                    if waiter.state == PENDING:
-                        waiter.fail(self._closed_error())
-                slot.waiters.clear()
                 if not slot.registered or slot.loop.is_closed():
                     slot.registered = False
                 elif slot.thread == me or not slot.loop.is_running():
                     self._unregister(slot)
                 else:
                     remote.append(slot)
+            countdown = _Countdown(len(remote), fds)
+            for slot in remote:
+                try:
+                    slot.loop.call_soon_threadsafe(self._unregister_remote, slot, countdown)
+                except RuntimeError:  # closed meanwhile: its registrations are gone
+                    countdown.done()
+            for slot in self._slots.values():
+                for waiter in slot.waiters:
+                    if waiter.state == PENDING:
+                        waiter.fail(self._closed_error())
+                slot.waiters.clear()
             self._slots = {}
             self.waiting = self.turns = 0
         if not remote:
-            for fd in fds:
-                _fd.close(fd)
-            return
-        countdown = _Countdown(len(remote), fds)
-        for slot in remote:
-            try:
-                slot.loop.call_soon_threadsafe(self._unregister_remote, slot, countdown)
-            except RuntimeError:  # closed meanwhile: its registrations are gone
-                countdown.done()
+            countdown.close_fds()
 
     def _unregister_remote(self, slot: LoopSlot[C, R], countdown: _Countdown) -> None:
         try:
@@ -536,22 +537,36 @@ class WaitQueue(Generic[C, R]):
 
 
 class _Countdown:
-    """Closes fds once every remote loop has dropped its registrations."""
+    """Closes fds once every remote loop has dropped its registrations.
 
-    __slots__ = ("fds", "left", "lock")
+    Should such a loop be closed with the removal still queued, the queued callback is
+    dropped with it, and so is the last reference to this object: the fds are closed
+    then (a finalizer), never twice.
+    """
+
+    __slots__ = ("__weakref__", "fds", "left", "lock")
 
     def __init__(self, left: int, fds: list[int]) -> None:
         self.left = left
         self.fds = fds
         self.lock = threading.Lock()
+        weakref.finalize(self, _close_fds, fds)
 
     def done(self) -> None:
         with self.lock:
             self.left -= 1
             last = self.left == 0
         if last:
-            for fd in self.fds:
-                _fd.close(fd)
+            self.close_fds()
+
+    def close_fds(self) -> None:
+        _close_fds(self.fds)
+
+
+def _close_fds(fds: list[int]) -> None:
+    """Close `fds` and empty the list (so that a second call closes nothing)."""
+    while fds:
+        _fd.close(fds.pop())
 
 
 def no_running_loop(call: str, instead: str) -> None:
