@@ -170,7 +170,7 @@ class Completion(Resource):
         """Wait for a completion and take it (take nothing while all are done).
 
         Returns at once, without a loop round trip, when one is available and no other
-        task of this loop waits. Waiters of one event loop are served oldest first.
+        task of this process is in line for it. Waiters of one event loop are served oldest first.
         Cancellation or a timeout (``async with asyncio.timeout(...)``) loses nothing:
         the count is taken only by the task that returns. A completer that dies is not
         noticed: pair the wait with a `Barrier`'s `wait_abortion()` where that matters.
@@ -237,8 +237,9 @@ class Completion(Resource):
             ClosedResourceError: the completion was closed in this process.
         """
         self._check_open()
-        with self._waitq.lock:
-            if self._waitq.waiting:
+        queue = self._waitq
+        with queue.lock:
+            if queue.waiting or queue.turns:  # parked, or woken and not run yet
                 raise RuntimeError("reinit() while tasks of this process wait on it")
             _fd.read_eventfd(self._all)
             while _fd.read_eventfd(self._count):

@@ -138,11 +138,6 @@ class Waiter(Generic[C, R]):
             slot.woken = None
             slot.queue.turns -= 1
 
-    @property
-    def alive(self) -> bool:
-        """Pending, and its task still waits (a cancelled one may not have resumed yet)."""
-        return self.state == PENDING and not self.future.done()
-
 
 def _set_result(future: asyncio.Future[Any], result: Any) -> None:
     if not future.done():  # cancelled meanwhile: a snapshot nobody needs

@@ -88,6 +88,28 @@ async def test_reinit_with_a_waiter_of_this_process_raises() -> None:
         await soon(task)
 
 
+async def test_reinit_while_a_woken_waiter_has_not_run_raises() -> None:
+    # Woken for its turn, the waiter is no longer parked but has not taken its count
+    # yet: it still waits, and reinit() must not drop the count from under it.
+    with Completion() as c:
+        task = await assert_blocks(c.wait())
+        refused: list[BaseException] = []
+        on_readable = c._on_readable
+
+        def ring_then_reinit(slot: Any, fd: int) -> None:
+            on_readable(slot, fd)
+            try:
+                c.reinit()
+            except RuntimeError as exc:
+                refused.append(exc)
+
+        c._on_readable = ring_then_reinit  # type: ignore[method-assign]
+        c.complete()
+        await soon(task)
+        assert refused
+        assert all("reinit" in str(exc) for exc in refused)
+
+
 async def test_try_wait_takes_and_done_does_not() -> None:
     with Completion() as c:
         assert not c.try_wait()
