@@ -1,0 +1,433 @@
+"""Hypothesis state machines drive a Lock and a Semaphore through worker processes and
+compare them with pure models.
+
+Each worker is a forked process running a loop (of the kind under test) that obeys
+one-line commands over a socketpair: start an acquire, wait for it, cancel it,
+acquire_nowait, release, mark_consistent. The machine also SIGKILLs workers (and forks
+new ones). After every step the owner, the value and `inconsistent` seen from this
+process must match the model; every grant the model predicts is awaited (bounded) in
+the worker it predicts it for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from support import SOON, Forked, run_on
+
+from aiosync import BrokenResourceError, Lock, Semaphore, WouldBlock
+
+Primitive = Lock | Semaphore
+
+# ---------------------------------------------------------------------------------------
+# The worker process
+# ---------------------------------------------------------------------------------------
+
+
+def outcome(obj: Primitive, task: asyncio.Task[bool]) -> str:
+    if task.cancelled():
+        return "cancelled"
+    exc = task.exception()
+    if isinstance(exc, BrokenResourceError):
+        return "broken"
+    if exc is not None:
+        return f"error {exc!r}"
+    return got(obj)
+
+
+def got(obj: Primitive) -> str:
+    if isinstance(obj, Lock):
+        return f"got inconsistent={obj.inconsistent}"
+    return "got"
+
+
+async def serve(obj: Primitive, sock: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    sock.setblocking(False)
+    task: asyncio.Task[bool] | None = None
+    buf = b""
+    while True:
+        while b"\n" not in buf:
+            chunk = await loop.sock_recv(sock, 256)
+            if not chunk:
+                return
+            buf += chunk
+        line, _, buf = buf.partition(b"\n")
+        command = line.decode()
+        try:
+            if command == "acquire":
+                assert task is None
+                task = asyncio.ensure_future(obj.acquire())
+                await asyncio.sleep(0)  # its first step: it takes it or queues
+                if task.done():
+                    reply = outcome(obj, task)
+                    task = None
+                else:
+                    reply = "waiting"
+            elif command in ("wait", "cancel"):
+                assert task is not None
+                if command == "cancel":
+                    task.cancel()
+                done, _ = await asyncio.wait({task}, timeout=SOON)
+                reply = outcome(obj, task) if done else "still waiting"
+                if done:
+                    task = None
+            elif command == "nowait":
+                obj.acquire_nowait()
+                reply = got(obj)
+            elif command == "release":
+                obj.release()
+                reply = "ok"
+            elif command == "mark":
+                assert isinstance(obj, Lock)
+                obj.mark_consistent()
+                reply = "ok"
+            else:
+                reply = f"unknown {command}"
+        except WouldBlock:
+            reply = "wouldblock"
+        except BrokenResourceError:
+            reply = "broken"
+        except (RuntimeError, ValueError) as exc:
+            reply = type(exc).__name__
+        await loop.sock_sendall(sock, reply.encode() + b"\n")
+
+
+class Worker:
+    """A forked process that obeys commands (see `serve`)."""
+
+    def __init__(self, kind: str, obj: Primitive) -> None:
+        mine, theirs = socket.socketpair()
+
+        def main() -> None:  # pragma: no cover - runs in the child
+            mine.close()
+            run_on(kind, serve(obj, theirs))
+
+        try:
+            self.proc = Forked(main)
+        finally:
+            theirs.close()
+        self.sock = mine
+        self.sock.settimeout(SOON + 5)
+        self.buf = b""
+        self.pid = self.proc.pid
+
+    def ask(self, command: str) -> str:
+        self.sock.sendall(command.encode() + b"\n")
+        while b"\n" not in self.buf:
+            chunk = self.sock.recv(256)
+            assert chunk, f"worker {self.pid} is gone"
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line.decode()
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.join(killed=True)
+        self.sock.close()
+
+    def stop(self) -> None:
+        self.sock.close()  # EOF: it returns and exits
+        self.proc.join()
+
+
+WORKERS = 3
+
+
+class Machine(RuleBasedStateMachine):
+    """What both machines share: the workers, their life and death."""
+
+    kind = "asyncio"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.obj = self.make()
+        self.workers: list[Worker] = []
+        self.waiting: list[int] = []  # indexes into workers, oldest first
+        for _ in range(WORKERS):
+            self.workers.append(Worker(self.kind, self.obj))
+
+    def make(self) -> Primitive:
+        raise NotImplementedError
+
+    def idle(self) -> list[int]:
+        return [i for i in range(WORKERS) if i not in self.waiting]
+
+    def expect(self, worker: int, command: str, *replies: str) -> str:
+        reply = self.workers[worker].ask(command)
+        assert reply in replies, f"{command} in worker {worker}: {reply!r}, expected {replies}"
+        return reply
+
+    def grant(self, worker: int, want: str) -> None:
+        """The model says `worker`'s pending acquire now succeeds (or breaks)."""
+        self.expect(worker, "wait", want)
+
+    def replace(self, worker: int) -> None:
+        self.workers[worker].kill()
+        self.workers[worker] = Worker(self.kind, self.obj)
+
+    def teardown(self) -> None:
+        for w in self.workers:
+            try:
+                w.kill()
+            except ProcessLookupError:  # pragma: no cover
+                pass
+        self.obj.close()
+
+
+# ---------------------------------------------------------------------------------------
+# Lock
+# ---------------------------------------------------------------------------------------
+
+
+class LockMachine(Machine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.owner: int | None = None
+        self.inconsistent = False
+        self.dead_owner: int | None = None  # died holding, nobody took it over yet
+        self.broken = False
+
+    def make(self) -> Primitive:
+        return Lock()
+
+    @property
+    def lock(self) -> Lock:
+        assert isinstance(self.obj, Lock)
+        return self.obj
+
+    def free_candidates(self) -> list[int]:
+        return [i for i in self.idle() if i != self.owner]
+
+    def took(self, worker: int) -> str:
+        """The model's state after `worker` takes the lock; the reply it expects."""
+        self.owner = worker
+        self.inconsistent = self.inconsistent or self.dead_owner is not None
+        self.dead_owner = None
+        return f"got inconsistent={self.inconsistent}"
+
+    @precondition(lambda self: self.free_candidates())
+    @rule(data=st.data())
+    def acquire(self, data: st.DataObject) -> None:
+        w = data.draw(st.sampled_from(self.free_candidates()))
+        if self.broken:
+            self.expect(w, "acquire", "broken")
+        elif self.owner is None and not self.waiting:
+            want = self.took(w)
+            if self.expect(w, "acquire", want, "waiting") == "waiting":
+                self.grant(w, want)  # a dead owner's death may take the loop a step
+        else:
+            self.expect(w, "acquire", "waiting")
+            self.waiting.append(w)
+
+    @precondition(lambda self: self.free_candidates())
+    @rule(data=st.data())
+    def acquire_nowait(self, data: st.DataObject) -> None:
+        w = data.draw(st.sampled_from(self.free_candidates()))
+        if self.broken:
+            self.expect(w, "nowait", "broken")
+        elif self.owner is None and not self.waiting:
+            self.expect(w, "nowait", self.took(w))
+        else:
+            self.expect(w, "nowait", "wouldblock")
+
+    @precondition(lambda self: self.owner is not None)
+    @rule(repair=st.booleans())
+    def release(self, repair: bool) -> None:
+        assert self.owner is not None
+        if repair and self.inconsistent:
+            self.expect(self.owner, "mark", "ok")
+            self.inconsistent = False
+        self.expect(self.owner, "release", "ok")
+        self.owner = None
+        if self.inconsistent:  # released unrepaired: unrecoverable
+            self.broken = True
+            self.inconsistent = False
+            for w in self.waiting:
+                self.grant(w, "broken")
+            self.waiting = []
+        elif self.waiting:
+            w = self.waiting.pop(0)
+            self.grant(w, self.took(w))
+
+    @precondition(lambda self: self.free_candidates() and not self.broken)
+    @rule(data=st.data())
+    def release_by_a_non_holder(self, data: st.DataObject) -> None:
+        w = data.draw(st.sampled_from(self.free_candidates()))
+        self.expect(w, "release", "RuntimeError")
+        self.expect(w, "mark", "RuntimeError")
+
+    @precondition(lambda self: self.waiting)
+    @rule(data=st.data())
+    def cancel(self, data: st.DataObject) -> None:
+        w = data.draw(st.sampled_from(self.waiting))
+        self.expect(w, "cancel", "cancelled")
+        self.waiting.remove(w)
+
+    @rule(data=st.data())
+    def kill(self, data: st.DataObject) -> None:
+        w = data.draw(st.integers(0, WORKERS - 1))
+        if w in self.waiting:
+            self.waiting.remove(w)
+        self.replace(w)
+        if w == self.owner:
+            self.owner = None
+            if self.waiting:  # a pending waiter takes it over
+                self.dead_owner = w
+                nxt = self.waiting.pop(0)
+                self.grant(nxt, self.took(nxt))
+            else:
+                self.dead_owner = w
+
+    @invariant()
+    def matches_the_model(self) -> None:
+        if self.broken:
+            return
+        if self.owner is not None:
+            assert self.lock.locked()
+            assert self.lock.owner_pid == self.workers[self.owner].pid
+            assert self.lock.inconsistent == self.inconsistent
+        elif self.dead_owner is None:
+            assert not self.lock.locked()
+            assert self.lock.owner_pid is None
+
+
+# ---------------------------------------------------------------------------------------
+# Semaphore
+# ---------------------------------------------------------------------------------------
+
+UNITS = 2
+
+
+class SemaphoreMachine(Machine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.value = UNITS
+        self.holds = [0] * WORKERS
+
+    def make(self) -> Primitive:
+        return Semaphore(UNITS)
+
+    @property
+    def sem(self) -> Semaphore:
+        assert isinstance(self.obj, Semaphore)
+        return self.obj
+
+    def hand_out(self) -> None:
+        while self.value and self.waiting:
+            w = self.waiting.pop(0)
+            self.value -= 1
+            self.holds[w] += 1
+            self.grant(w, "got")
+
+    @precondition(lambda self: self.idle())
+    @rule(data=st.data())
+    def acquire(self, data: st.DataObject) -> None:
+        w = data.draw(st.sampled_from(self.idle()))
+        if self.value and not self.waiting:
+            if self.expect(w, "acquire", "got", "waiting") == "waiting":
+                self.grant(w, "got")
+            self.value -= 1
+            self.holds[w] += 1
+        else:
+            self.expect(w, "acquire", "waiting")
+            self.waiting.append(w)
+
+    @precondition(lambda self: self.idle())
+    @rule(data=st.data())
+    def acquire_nowait(self, data: st.DataObject) -> None:
+        w = data.draw(st.sampled_from(self.idle()))
+        if self.value and not self.waiting:
+            self.expect(w, "nowait", "got")
+            self.value -= 1
+            self.holds[w] += 1
+        else:
+            self.expect(w, "nowait", "wouldblock")
+
+    @rule(data=st.data())
+    def release(self, data: st.DataObject) -> None:
+        w = data.draw(st.integers(0, WORKERS - 1))
+        if self.holds[w] == 0:
+            self.expect(w, "release", "ValueError")
+            return
+        self.expect(w, "release", "ok")
+        self.holds[w] -= 1
+        self.value += 1
+        self.hand_out()
+
+    @precondition(lambda self: self.waiting)
+    @rule(data=st.data())
+    def cancel(self, data: st.DataObject) -> None:
+        w = data.draw(st.sampled_from(self.waiting))
+        self.expect(w, "cancel", "cancelled")
+        self.waiting.remove(w)
+
+    @rule(data=st.data())
+    def kill(self, data: st.DataObject) -> None:
+        w = data.draw(st.integers(0, WORKERS - 1))
+        if w in self.waiting:
+            self.waiting.remove(w)
+        self.replace(w)
+        self.value += self.holds[w]  # its units come back
+        self.holds[w] = 0
+        self.hand_out()
+
+    @invariant()
+    def matches_the_model(self) -> None:
+        assert self.sem.value == self.value
+        assert self.sem.locked() == (self.value == 0)
+
+
+def run_machine(cls: type[Machine], kind: str) -> None:
+    machine: Any = type(f"{cls.__name__}_{kind}", (cls,), {"kind": kind})
+    test = machine.TestCase
+    test.settings = settings(
+        max_examples=12,
+        stateful_step_count=25,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+    test().runTest()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_lock_model(loop_kind: str) -> None:
+    run_machine(LockMachine, loop_kind)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_semaphore_model(loop_kind: str) -> None:
+    run_machine(SemaphoreMachine, loop_kind)
+
+
+def test_a_worker_obeys(kind: str) -> None:
+    """The machine's tool itself: a worker takes, queues, cancels, releases."""
+    lock = Lock()
+    a, b = Worker(kind, lock), Worker(kind, lock)
+    try:
+        assert a.ask("acquire") == "got inconsistent=False"
+        assert lock.owner_pid == a.pid
+        assert b.ask("nowait") == "wouldblock"
+        assert b.ask("acquire") == "waiting"
+        assert b.ask("cancel") == "cancelled"
+        assert b.ask("acquire") == "waiting"
+        assert a.ask("release") == "ok"
+        assert b.ask("wait") == "got inconsistent=False"
+        assert lock.owner_pid == b.pid
+        assert a.ask("release") == "RuntimeError"
+        assert b.ask("release") == "ok"
+        assert not lock.locked()
+    finally:
+        a.stop()
+        b.stop()
+        lock.close()
