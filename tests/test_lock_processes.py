@@ -291,7 +291,7 @@ def test_a_forked_child_holds_no_unit_of_its_parent() -> None:
 
         def child() -> str:
             assert sem.value == 1
-            with pytest.raises(ValueError):
+            with pytest.raises(ValueError, match="holds none of its units"):
                 sem.release()
             sem.acquire_nowait()
             sem.release()
@@ -358,7 +358,7 @@ def test_semaphore_units_across_processes(kind: str) -> None:
             assert sem.locked()
             with pytest.raises(WouldBlock):
                 sem.acquire_nowait()
-            with pytest.raises(ValueError):
+            with pytest.raises(ValueError, match="holds none of its units"):
                 sem.release()  # the units are theirs, not ours
 
             async def wait_for_one() -> None:
@@ -450,7 +450,7 @@ def test_a_third_process_gets_it_within_a_few_hand_offs(cls: type[Primitive], ki
                     task = asyncio.ensure_future(obj.acquire())
                     # Runs right after the task's first step, in which it queued (or
                     # took the lock; then the count stands still).
-                    loop.call_soon(lambda: queued.append(mem[COUNT]))
+                    loop.call_soon(lambda: queued.append(mem[COUNT]))  # noqa: B023
                     await soon(task)
                     worst.append(mem[COUNT] - queued[0])
                     obj.release()
