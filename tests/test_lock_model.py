@@ -12,14 +12,16 @@ the worker it predicts it for.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
 import time
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, Phase, settings
+from hypothesis import HealthCheck, Phase, event, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from support import SOON, Forked, run_on
 
 from aiosync import BrokenResourceError, Lock, Semaphore, WouldBlock
@@ -48,10 +50,21 @@ def got(obj: Primitive) -> str:
     return "got"
 
 
-async def serve(obj: Primitive, sock: socket.socket) -> None:
+async def serve(obj: Primitive, sock: socket.socket, cancel_r: int) -> None:
+    """Obey commands from `sock`; a byte on `cancel_r` cancels the pending acquire
+    right in the loop's callback (so that, written while this process is frozen
+    after a release handed the lock to it, the cancel lands after the wake-up and
+    before the woken task runs)."""
     loop = asyncio.get_running_loop()
     sock.setblocking(False)
     task: asyncio.Task[bool] | None = None
+
+    def cancel_now() -> None:
+        os.read(cancel_r, 1)
+        if task is not None:
+            task.cancel()
+
+    loop.add_reader(cancel_r, cancel_now)
     buf = b""
     while True:
         while b"\n" not in buf:
@@ -112,22 +125,31 @@ class Worker:
 
     def __init__(self, kind: str, obj: Primitive) -> None:
         mine, theirs = socket.socketpair()
+        cancel_r, self.cancel_w = os.pipe()
 
         def main() -> None:  # pragma: no cover - runs in the child
             mine.close()
-            run_on(kind, serve(obj, theirs))
+            run_on(kind, serve(obj, theirs, cancel_r))
 
         try:
             self.proc = Forked(main)
         finally:
             theirs.close()
+            os.close(cancel_r)
         self.sock = mine
         self.sock.settimeout(SOON + 5)
         self.buf = b""
         self.pid = self.proc.pid
 
     def ask(self, command: str) -> str:
+        self.send(command)
+        return self.reply()
+
+    def send(self, command: str) -> None:
+        """Send a command without waiting for the reply (see `reply`)."""
         self.sock.sendall(command.encode() + b"\n")
+
+    def reply(self) -> str:
         while b"\n" not in self.buf:
             chunk = self.sock.recv(256)
             assert chunk, f"worker {self.pid} is gone"
@@ -135,19 +157,36 @@ class Worker:
         line, _, self.buf = self.buf.partition(b"\n")
         return line.decode()
 
+    def freeze(self) -> None:
+        os.kill(self.pid, signal.SIGSTOP)
+        _, status = os.waitpid(self.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status)
+
+    def thaw(self) -> None:
+        os.kill(self.pid, signal.SIGCONT)
+
     def kill(self) -> None:
         self.proc.kill()
         self.proc.join(killed=True)
         self.sock.close()
+        os.close(self.cancel_w)
 
     def stop(self) -> None:
         # (Not EOF: workers forked later hold copies of this end of the socketpair.)
         self.sock.sendall(b"exit\n")
         self.sock.close()
+        os.close(self.cancel_w)
         self.proc.join()
 
 
 WORKERS = 3
+
+
+def pick_from(candidates: list[int], pick: int) -> int | None:
+    """One of `candidates` (None if there is none). The machine's state depends on
+    which process saw a death first, so draws and rules never depend on the state:
+    Hypothesis replays a sequence of draws and must get the same shapes each time."""
+    return candidates[pick % len(candidates)] if candidates else None
 
 
 class Machine(RuleBasedStateMachine):
@@ -200,6 +239,23 @@ class Machine(RuleBasedStateMachine):
         self.waiting.remove(first)
         self.grant(first, want)
         return first
+
+    def release_to_a_frozen_waiter_then_cancel(self, releaser: int, first: int) -> bool:
+        """The oldest waiter's process is frozen while `releaser` hands it the lock and
+        a "cancel" command arrives; thawed, its loop sees both at once. Returns whether
+        the cancel won (the grant must then go on); else the waiter holds it."""
+        frozen = self.workers[first]
+        frozen.freeze()
+        try:
+            self.expect(releaser, "release", "ok")
+            os.write(frozen.cancel_w, b"x")
+        finally:
+            frozen.thaw()
+        reply = frozen.ask("wait")
+        assert reply in ("cancelled", "got", "got inconsistent=False"), reply
+        self.waiting.remove(first)
+        event(f"a waiter handed the lock and cancelled before it ran: {reply}")
+        return reply == "cancelled"
 
     def find_grants(self, count: int, want: str) -> list[int]:
         """After a death, some of the waiting workers take what the dead one held, in no
@@ -266,10 +322,11 @@ class LockMachine(Machine):
         self.dead_owner = None
         return f"got inconsistent={self.inconsistent}"
 
-    @precondition(lambda self: self.free_candidates())
-    @rule(data=st.data())
-    def acquire(self, data: st.DataObject) -> None:
-        w = data.draw(st.sampled_from(self.free_candidates()))
+    @rule(pick=st.integers(0, WORKERS - 1))
+    def acquire(self, pick: int) -> None:
+        w = pick_from(self.free_candidates(), pick)
+        if w is None:
+            return
         if self.broken:
             self.expect(w, "acquire", "broken")
         elif self.owner is None and not self.waiting:
@@ -280,10 +337,11 @@ class LockMachine(Machine):
             self.expect(w, "acquire", "waiting")
             self.waiting.append(w)
 
-    @precondition(lambda self: self.free_candidates())
-    @rule(data=st.data())
-    def acquire_nowait(self, data: st.DataObject) -> None:
-        w = data.draw(st.sampled_from(self.free_candidates()))
+    @rule(pick=st.integers(0, WORKERS - 1))
+    def acquire_nowait(self, pick: int) -> None:
+        w = pick_from(self.free_candidates(), pick)
+        if w is None:
+            return
         if self.broken:
             self.expect(w, "nowait", "broken")
         elif self.owner is None and not self.waiting:
@@ -291,10 +349,10 @@ class LockMachine(Machine):
         else:
             self.expect(w, "nowait", "wouldblock")
 
-    @precondition(lambda self: self.owner is not None)
     @rule(repair=st.booleans())
     def release(self, repair: bool) -> None:
-        assert self.owner is not None
+        if self.owner is None:
+            return
         if repair and self.inconsistent:
             self.expect(self.owner, "mark", "ok")
             self.inconsistent = False
@@ -310,23 +368,38 @@ class LockMachine(Machine):
             w = self.serve_next("got inconsistent=False", self.waiting[0])
             self.took(w)
 
-    @precondition(lambda self: self.free_candidates() and not self.broken)
-    @rule(data=st.data())
-    def release_by_a_non_holder(self, data: st.DataObject) -> None:
-        w = data.draw(st.sampled_from(self.free_candidates()))
+    @rule()
+    def release_to_a_waiter_cancelled_before_it_ran(self) -> None:
+        if self.owner is None or not self.waiting or self.inconsistent or self.ghost_waiters:
+            return
+        releaser, first = self.owner, self.waiting[0]
+        self.owner = None
+        if not self.release_to_a_frozen_waiter_then_cancel(releaser, first):
+            self.took(first)
+        elif self.waiting:  # passed on
+            w = self.waiting.pop(0)
+            self.grant(w, self.took(w))
+
+    @rule(pick=st.integers(0, WORKERS - 1))
+    def release_by_a_non_holder(self, pick: int) -> None:
+        if self.broken:
+            return
+        w = pick_from(self.free_candidates(), pick)
+        if w is None:
+            return
         self.expect(w, "release", "RuntimeError")
         self.expect(w, "mark", "RuntimeError")
 
-    @precondition(lambda self: self.waiting)
-    @rule(data=st.data())
-    def cancel(self, data: st.DataObject) -> None:
-        w = data.draw(st.sampled_from(self.waiting))
+    @rule(pick=st.integers(0, WORKERS - 1))
+    def cancel(self, pick: int) -> None:
+        w = pick_from(self.waiting, pick)
+        if w is None:
+            return
         self.expect(w, "cancel", "cancelled")
         self.waiting.remove(w)
 
-    @rule(data=st.data())
-    def kill(self, data: st.DataObject) -> None:
-        w = data.draw(st.integers(0, WORKERS - 1))
+    @rule(w=st.integers(0, WORKERS - 1))
+    def kill(self, w: int) -> None:
         self.ghosts.add(self.workers[w].pid)
         self.killed(w)
         if w == self.owner:
@@ -386,10 +459,11 @@ class SemaphoreMachine(Machine):
             return
         self.holds[self.serve_next("got", w)] += 1
 
-    @precondition(lambda self: self.idle())
-    @rule(data=st.data())
-    def acquire(self, data: st.DataObject) -> None:
-        w = data.draw(st.sampled_from(self.idle()))
+    @rule(pick=st.integers(0, WORKERS - 1))
+    def acquire(self, pick: int) -> None:
+        w = pick_from(self.idle(), pick)
+        if w is None:
+            return
         if self.value and not self.waiting:
             if self.expect(w, "acquire", "got", "waiting") == "waiting":
                 self.grant(w, "got")
@@ -399,10 +473,11 @@ class SemaphoreMachine(Machine):
             self.expect(w, "acquire", "waiting")
             self.waiting.append(w)
 
-    @precondition(lambda self: self.idle())
-    @rule(data=st.data())
-    def acquire_nowait(self, data: st.DataObject) -> None:
-        w = data.draw(st.sampled_from(self.idle()))
+    @rule(pick=st.integers(0, WORKERS - 1))
+    def acquire_nowait(self, pick: int) -> None:
+        w = pick_from(self.idle(), pick)
+        if w is None:
+            return
         if self.value and not self.waiting:
             self.expect(w, "nowait", "got")
             self.value -= 1
@@ -410,9 +485,8 @@ class SemaphoreMachine(Machine):
         else:
             self.expect(w, "nowait", "wouldblock")
 
-    @rule(data=st.data())
-    def release(self, data: st.DataObject) -> None:
-        w = data.draw(st.integers(0, WORKERS - 1))
+    @rule(w=st.integers(0, WORKERS - 1))
+    def release(self, w: int) -> None:
         if self.holds[w] == 0:
             self.expect(w, "release", "ValueError")
             return
@@ -420,16 +494,30 @@ class SemaphoreMachine(Machine):
         self.holds[w] -= 1
         self.hand_out(w)
 
-    @precondition(lambda self: self.waiting)
-    @rule(data=st.data())
-    def cancel(self, data: st.DataObject) -> None:
-        w = data.draw(st.sampled_from(self.waiting))
+    @rule(pick=st.integers(0, WORKERS - 1))
+    def cancel(self, pick: int) -> None:
+        w = pick_from(self.waiting, pick)
+        if w is None:
+            return
         self.expect(w, "cancel", "cancelled")
         self.waiting.remove(w)
 
-    @rule(data=st.data())
-    def kill(self, data: st.DataObject) -> None:
-        w = data.draw(st.integers(0, WORKERS - 1))
+    @rule()
+    def release_to_a_waiter_cancelled_before_it_ran(self) -> None:
+        if not self.waiting or self.ghost_waiters:
+            return
+        first = self.waiting[0]
+        if not any(h and i != first for i, h in enumerate(self.holds)):
+            return
+        releaser = next(i for i, h in enumerate(self.holds) if h and i != first)
+        self.holds[releaser] -= 1
+        if self.release_to_a_frozen_waiter_then_cancel(releaser, first):
+            self.hand_out(releaser)  # passed on
+        else:
+            self.holds[first] += 1
+
+    @rule(w=st.integers(0, WORKERS - 1))
+    def kill(self, w: int) -> None:
         self.killed(w)
         back = self.holds[w]  # its units come back
         self.holds[w] = 0

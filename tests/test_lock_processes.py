@@ -8,6 +8,7 @@ import asyncio
 import mmap
 import multiprocessing
 import os
+import random
 import struct
 import threading
 from collections.abc import Callable, Coroutine
@@ -588,3 +589,51 @@ def test_multiprocessing_process_args(method: str) -> None:
     finally:
         lock.close()
         sem.close()
+
+
+# ---------------------------------------------------------------------------------------
+# Timeouts at random points, across processes
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [Lock, Semaphore])
+def test_timeouts_at_random_points_across_processes(cls: type[Primitive], kind: str) -> None:
+    """Three processes, three tasks each, acquire under tiny random timeouts (so many a
+    waiter is cancelled just as the lock is handed to it): every acquire that returned
+    counted once inside an exclusive section, no cancelled one ever held it, and the
+    lock ends free."""
+    mem = Shared()
+    with closing(cls()) as obj, Children() as children:
+
+        def process(seed: int) -> Callable[[], str]:
+            async def task(rng: random.Random) -> int:
+                took = 0
+                for _ in range(60):
+                    try:
+                        async with asyncio.timeout(rng.choice([0, 0.0002, 0.0005, 0.001, 0.003])):
+                            await obj.acquire()
+                    except TimeoutError:
+                        continue
+                    assert mem[INSIDE] == 0
+                    mem[INSIDE] = 1
+                    value = mem[COUNT]
+                    await asyncio.sleep(0)
+                    mem[COUNT] = value + 1
+                    mem[INSIDE] = 0
+                    took += 1
+                    obj.release()
+                return took
+
+            async def main() -> str:
+                rng = random.Random(seed)
+                return str(sum(await asyncio.gather(*(task(rng) for _ in range(3)))))
+
+            return child_loop(kind, main)
+
+        pids = [children.fork(process(seed)) for seed in range(3)]
+        took = sum(int(children.collect(pid)) for pid in pids)
+        assert mem[COUNT] == took
+        assert took > 0
+        assert not obj.locked()
+        obj.acquire_nowait()
+        obj.release()
