@@ -8,6 +8,7 @@ import gc
 import os
 import random
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import closing
 
@@ -357,6 +358,29 @@ def test_dropped_unclosed_warns_and_closes(
     assert fd_count() == before
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="finding for the lead: the object's WaitQueue holds its bound method "
+    "_closed_error, a reference cycle, so an unclosed Lock or Semaphore that is dropped "
+    "keeps its fds until the cyclic garbage collector runs (a Completion goes at once)",
+)
+@pytest.mark.parametrize("cls", [Lock, Semaphore])
+def test_dropped_unclosed_is_closed_at_once(
+    cls: type[Primitive], fd_count: Callable[[], int]
+) -> None:
+    gc.disable()
+    try:
+        before = fd_count()
+        with pytest.warns(ResourceWarning, match="unclosed"):
+            cls()
+        assert fd_count() == before
+    finally:
+        gc.enable()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            gc.collect()
+
+
 @pytest.mark.parametrize("cls", [Lock, Semaphore])
 def test_no_fd_leak_over_1000_objects(cls: type[Primitive], fd_count: Callable[[], int]) -> None:
     before = fd_count()
@@ -428,6 +452,12 @@ async def test_fifo_within_a_loop(cls: type[Primitive]) -> None:
         obj.close()
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug for the lead: acquire()'s slow path takes a free unit right after "
+    "joining the line (`self._enter_line() or self._try_take()`) even when other "
+    "waiters of this process are ahead of it, so a newcomer passes a parked waiter",
+)
 @pytest.mark.parametrize("cls", [Lock, Semaphore])
 async def test_a_newcomer_queues_behind_the_waiters(cls: type[Primitive]) -> None:
     obj = cls()

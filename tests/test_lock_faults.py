@@ -380,7 +380,7 @@ def test_a_grant_to_a_process_whose_waiter_was_cancelled_is_passed_on(
             obj.release()
             os.write(cancel_w, b"x")
             os.kill(first, signal.SIGCONT)
-            assert children.collect(first) in ("cancelled", "took")
+            assert children.collect(first) == "cancelled"
             assert children.collect(second) == "inconsistent=False mine=True"
             obj.acquire_nowait()
             if isinstance(obj, Lock):
@@ -595,7 +595,7 @@ def test_sigkill_at_random_points_of_a_tight_loop(kind: str) -> None:
     the survivors go on (taking over and repairing when it died holding), and the
     record always adds up under a consistent lock."""
     rng = random.Random(4242)
-    rounds = 40
+    rounds = 100
     rec = Record()
     with closing(Lock()) as lock, Completion() as started, Children() as children:
         survivors = [children.fork(survivor(kind, lock, rec, 1 + i, started)) for i in range(2)]
@@ -620,7 +620,7 @@ def test_sigkill_at_random_points_of_a_tight_loop(kind: str) -> None:
 @pytest.mark.timeout(240)
 def test_semaphore_sigkill_at_random_points_units_come_back(kind: str) -> None:
     rng = random.Random(2424)
-    rounds = 30
+    rounds = 60
     k = 2
     rec = Record()
     with closing(Semaphore(k)) as sem, Completion() as started, Children() as children:
