@@ -174,10 +174,9 @@ def test_plain_with_raises_type_error(cls: type[Primitive]) -> None:
 
 def test_lock_repr() -> None:
     lock = Lock()
-    assert repr(lock).startswith("<aiosync.Lock")
-    assert "unlocked" in repr(lock) or "free" in repr(lock) or "owner" not in repr(lock)
+    assert repr(lock) == "<aiosync.Lock unlocked>"
     lock.acquire_nowait()
-    assert str(os.getpid()) in repr(lock)  # names the holder
+    assert repr(lock) == f"<aiosync.Lock locked by pid {os.getpid()}>"
     lock.release()
     lock.close()
     assert repr(lock) == "<aiosync.Lock closed>"
@@ -185,10 +184,9 @@ def test_lock_repr() -> None:
 
 def test_semaphore_repr() -> None:
     sem = Semaphore(3)
-    assert repr(sem).startswith("<aiosync.Semaphore")
-    assert "3" in repr(sem)
+    assert repr(sem) == "<aiosync.Semaphore value=3/3 held here=0>"
     sem.acquire_nowait()
-    assert "2" in repr(sem)
+    assert repr(sem) == "<aiosync.Semaphore value=2/3 held here=1>"
     sem.release()
     sem.close()
     assert repr(sem) == "<aiosync.Semaphore closed>"
@@ -633,7 +631,6 @@ async def test_timeouts_at_random_points_lose_nothing(cls: type[Primitive]) -> N
     rng = random.Random(1212)
     obj = cls()
     inside = 0
-    held_by_cancelled: list[int] = []
 
     async def worker(i: int) -> None:
         nonlocal inside
@@ -652,7 +649,6 @@ async def test_timeouts_at_random_points_lose_nothing(cls: type[Primitive]) -> N
 
     try:
         await soon(asyncio.gather(*(worker(i) for i in range(6))), seconds=60)
-        assert not held_by_cancelled
         await settle()
         assert not obj.locked()
         obj.acquire_nowait()

@@ -85,6 +85,18 @@ def waiter(
     return child_loop(kind, wait)
 
 
+def take_over_from_a_killed_holder(lock: Lock, children: Children) -> int:
+    """A child takes the lock and is SIGKILLed; this process takes it over
+    (inconsistent). Returns the dead pid."""
+    with Completion() as held:
+        dead = children.fork(holder(lock, held))
+        assert held.wait_blocking(timeout=SOON)
+    children.kill(dead)
+    assert lock.acquire_blocking(timeout=SOON)
+    assert inconsistent(lock)
+    return dead
+
+
 def stop(pid: int) -> None:
     os.kill(pid, signal.SIGSTOP)
     _, status = os.waitpid(pid, os.WUNTRACED)
@@ -129,6 +141,7 @@ def test_holder_killed_the_waiter_here_takes_over(kind: str) -> None:
             assert inconsistent(lock)
             assert owner(lock) == os.getpid()
             assert lock.locked()
+            assert repr(lock) == f"<aiosync.Lock locked by pid {os.getpid()} inconsistent>"
             lock.mark_consistent()
             assert not inconsistent(lock)
             lock.release()
@@ -190,15 +203,11 @@ def test_holder_gone_with_no_waiter_a_later_acquire_takes_over(
 def test_inconsistent_is_seen_by_every_process(kind: str) -> None:
     with (
         closing(Lock()) as lock,
-        Completion() as held,
         Completion() as look,
         Completion() as seen,
         Children() as children,
     ):
-        dead = children.fork(holder(lock, held))
-        assert held.wait_blocking(timeout=SOON)
-        children.kill(dead)
-        assert lock.acquire_blocking(timeout=SOON)
+        take_over_from_a_killed_holder(lock, children)
 
         def observer() -> str:
             # A process that never used the lock sees the state too.
@@ -225,17 +234,8 @@ def test_inconsistent_is_seen_by_every_process(kind: str) -> None:
 
 
 def test_release_without_mark_consistent_breaks_it_everywhere(kind: str) -> None:
-    with (
-        closing(Lock()) as lock,
-        Completion() as held,
-        Completion() as parked,
-        Children() as children,
-    ):
-        dead = children.fork(holder(lock, held))
-        assert held.wait_blocking(timeout=SOON)
-        children.kill(dead)
-        assert lock.acquire_blocking(timeout=SOON)
-        assert inconsistent(lock)
+    with closing(Lock()) as lock, Completion() as parked, Children() as children:
+        dead = take_over_from_a_killed_holder(lock, children)
         other = children.fork(waiter(kind, lock, parked))  # pending when it breaks
         assert parked.wait_blocking(timeout=SOON)
 
@@ -248,6 +248,7 @@ def test_release_without_mark_consistent_breaks_it_everywhere(kind: str) -> None
                 await lock.acquire()
 
         run_on(kind, break_it())
+        assert repr(lock) == f"<aiosync.Lock unrecoverable (pid {dead} died)>"
         report = children.collect(other)
         assert report.startswith("broken: "), report
         assert str(dead) in report, report
@@ -273,16 +274,8 @@ def test_release_without_mark_consistent_breaks_it_everywhere(kind: str) -> None
 
 
 def test_every_waiter_pending_when_it_breaks_raises(kind: str) -> None:
-    with (
-        closing(Lock()) as lock,
-        Completion() as held,
-        Completion() as parked,
-        Children() as children,
-    ):
-        dead = children.fork(holder(lock, held))
-        assert held.wait_blocking(timeout=SOON)
-        children.kill(dead)
-        assert lock.acquire_blocking(timeout=SOON)
+    with closing(Lock()) as lock, Completion() as parked, Children() as children:
+        dead = take_over_from_a_killed_holder(lock, children)
         others = []
         for _ in range(3):
             others.append(children.fork(waiter(kind, lock, parked)))

@@ -512,7 +512,12 @@ class SemaphoreMachine(Machine):
         releaser = next(i for i, h in enumerate(self.holds) if h and i != first)
         self.holds[releaser] -= 1
         if self.release_to_a_frozen_waiter_then_cancel(releaser, first):
-            self.hand_out(releaser)  # passed on
+            # Passed on by the cancelled receiver: to the oldest waiter left, which
+            # may be a waiter of the releaser's own process.
+            if self.waiting:
+                self.holds[self.serve_next("got", self.waiting[0])] += 1
+            else:
+                self.value += 1
         else:
             self.holds[first] += 1
 

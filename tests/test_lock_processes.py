@@ -102,23 +102,34 @@ class Tokens:
         os.close(self.w)
 
 
+def enter(mem: Shared, tokens: Tokens | None) -> int:
+    """Inside the section: check that it is exclusive (at most k inside, with
+    `tokens`), and read the count."""
+    if tokens is not None:
+        tokens.enter()
+    else:
+        assert mem[INSIDE] == 0
+        mem[INSIDE] = 1
+    return mem[COUNT]
+
+
+def leave(mem: Shared, tokens: Tokens | None, count: int) -> None:
+    """Write the count back, one more (a Lock's section); leave the section."""
+    if tokens is not None:
+        tokens.leave()
+    else:
+        mem[COUNT] = count + 1
+        mem[INSIDE] = 0
+
+
 def increment_blocking(obj: Primitive, mem: Shared, tokens: Tokens | None, rounds: int) -> None:
     """Read, yield the CPU, write: loses counts unless the section is exclusive."""
     for _ in range(rounds):
         assert obj.acquire_blocking(timeout=60)
         try:
-            if tokens is not None:
-                tokens.enter()
-            else:
-                assert mem[INSIDE] == 0
-                mem[INSIDE] = 1
-            value = mem[COUNT]
+            count = enter(mem, tokens)
             os.sched_yield()
-            mem[COUNT] = value + 1 if tokens is None else value
-            if tokens is not None:
-                tokens.leave()
-            else:
-                mem[INSIDE] = 0
+            leave(mem, tokens, count)
         finally:
             obj.release()
 
@@ -126,18 +137,9 @@ def increment_blocking(obj: Primitive, mem: Shared, tokens: Tokens | None, round
 async def increment(obj: Primitive, mem: Shared, tokens: Tokens | None, rounds: int) -> None:
     for _ in range(rounds):
         async with obj:
-            if tokens is not None:
-                tokens.enter()
-            else:
-                assert mem[INSIDE] == 0
-                mem[INSIDE] = 1
-            value = mem[COUNT]
+            count = enter(mem, tokens)
             await asyncio.sleep(0)
-            mem[COUNT] = value + 1 if tokens is None else value
-            if tokens is not None:
-                tokens.leave()
-            else:
-                mem[INSIDE] = 0
+            leave(mem, tokens, count)
 
 
 def tasks_and_a_thread(
@@ -614,12 +616,9 @@ def test_timeouts_at_random_points_across_processes(cls: type[Primitive], kind: 
                             await obj.acquire()
                     except TimeoutError:
                         continue
-                    assert mem[INSIDE] == 0
-                    mem[INSIDE] = 1
-                    value = mem[COUNT]
+                    count = enter(mem, None)
                     await asyncio.sleep(0)
-                    mem[COUNT] = value + 1
-                    mem[INSIDE] = 0
+                    leave(mem, None, count)
                     took += 1
                     obj.release()
                 return took
