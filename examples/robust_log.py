@@ -8,10 +8,11 @@ worker to acquire it gets it with ``lock.inconsistent`` True, cuts the torn reco
 off the end of the log, calls ``lock.mark_consistent()`` and goes on. At the end the
 parent checks the log: every record whole, each worker's records all there, in order.
 
-The kill is made deterministic with a hand-shake: the victim completes the Completion
-"torn" once it has written half a record (holding the lock), and the parent kills it
-only then. The other workers wait for "torn" half-way through their own records, so
-that the kill always lands in the middle of the run.
+The kill is made deterministic with two Completions. Half-way through its records,
+each of the other workers completes "halfway" and waits for "torn"; the victim, once
+every other worker is half-way, writes half a record (holding the lock) and completes
+"torn" for good (`complete_all()`); the parent kills it only then. So the kill lands
+in the middle of the run, and the others queue for the lock it holds.
 
     python examples/robust_log.py                     # 4 workers, worker 0 killed
     python examples/robust_log.py --forget-repair     # released while inconsistent
@@ -45,6 +46,7 @@ async def parent(args: argparse.Namespace) -> int:
     with (
         tempfile.TemporaryDirectory() as tmp,
         contextlib.closing(aiosync.Lock()) as lock,  # `with lock:` is for acquiring: TypeError
+        aiosync.Completion() as halfway,
         aiosync.Completion() as torn,
     ):
         log = Path(args.log) if args.log else Path(tmp) / "log"
@@ -67,10 +69,12 @@ async def parent(args: argparse.Namespace) -> int:
                 str(log),
                 "--records",
                 str(args.records),
+                "--workers",
+                str(args.workers),
                 "--loop",
                 args.loop,
                 *flags,
-                share={"lock": lock, "torn": torn},
+                share={"lock": lock, "halfway": halfway, "torn": torn},
                 stdout=asyncio.subprocess.PIPE,
             )
             workers.append(proc)
@@ -114,15 +118,20 @@ async def parent(args: argparse.Namespace) -> int:
 
 async def worker(args: argparse.Namespace) -> int:
     shared = aiosync.inherited()
-    lock, torn = shared["lock"], shared["torn"]
+    lock, halfway, torn = shared["lock"], shared["halfway"], shared["torn"]
     assert isinstance(lock, aiosync.Lock)
+    assert isinstance(halfway, aiosync.Completion)
     assert isinstance(torn, aiosync.Completion)
     n, half = args.worker, args.records // 2
     fd = open_log(Path(args.log))
     try:
-        with contextlib.closing(lock), torn:
+        with contextlib.closing(lock), halfway, torn:
             for seq in range(1, args.records + 1):
-                if seq == half + 1 and not args.tear:
+                if seq == half + 1 and args.tear:
+                    for _ in range(args.workers - 1):
+                        await halfway.wait()  # one per other worker, half-way through
+                elif seq == half + 1:
+                    halfway.complete()
                     await torn.wait()  # the victim tore its record (all done: takes nothing)
                 head, body = record(n, seq)
                 async with lock:
