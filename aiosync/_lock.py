@@ -48,9 +48,14 @@ who holds what. Nothing polls.
   ticket 0, is passed over by releasers but still makes them ring, and is dropped as
   a dead process's); leaving stores 0 and then looks for a unit handed to us.
 
-Ordering (the two Dekker pairs): a waiter joins the line *then* looks at the units; a
-releaser changes a unit *then* looks at the line (to ring). One of the two sees the
-other, so a waiter never sleeps through a release. Same for leaving versus handing.
+Ordering (Dekker pairs; one side of each always sees the other): a waiter joins the
+line *then* looks at the units, a releaser changes a unit *then* looks at the line (to
+ring), so a waiter never sleeps through a release; a process leaving the line stores
+*then* looks for a hand-off to it, a releaser hands *then* checks that the receiver is
+still in the line; and a process recovering from a death drops dead processes from the
+line *then* looks at the units, so a hand-off to a process already dead is either taken
+back by its releaser or freed by the recoverer (a process's death is one event: whoever
+handles it must not miss a hand-off made just after).
 
 *In this process*, waiters follow the wait core's turns: a ring wakes the oldest
 waiter of each loop (FIFO); the woken task drains the inotify fd and tries to take a
@@ -341,6 +346,10 @@ class _Robust(Resource):
         me = self._me()
         shared = self._shared
         alive = _Liveness(self._ident, shared)
+        # The line first, then the units: a releaser hands a unit and then checks that
+        # the receiver is still in the line, so a hand-off to a process we drop here is
+        # either seen by that releaser (it takes the unit back) or by our look below.
+        self._recover_line(alive)
         took = False
         for i, word in enumerate(shared.units()):
             holder = word & _TAG
@@ -351,7 +360,6 @@ class _Robust(Resource):
             elif not took and shared.take_over(i, word, me, True):
                 self._held.append(i)
                 took = True
-        self._recover_line(alive)
         return took or self._try_take()
 
     def _recover_line(self, alive: _Liveness | None = None) -> None:
