@@ -356,12 +356,6 @@ def test_dropped_unclosed_warns_and_closes(
     assert fd_count() == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding for the lead: the object's WaitQueue holds its bound method "
-    "_closed_error, a reference cycle, so an unclosed Lock or Semaphore that is dropped "
-    "keeps its fds until the cyclic garbage collector runs (a Completion goes at once)",
-)
 @pytest.mark.parametrize("cls", [Lock, Semaphore])
 def test_dropped_unclosed_is_closed_at_once(
     cls: type[Primitive], fd_count: Callable[[], int]
@@ -450,12 +444,6 @@ async def test_fifo_within_a_loop(cls: type[Primitive]) -> None:
         obj.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug for the lead: acquire()'s slow path takes a free unit right after "
-    "joining the line (`self._enter_line() or self._try_take()`) even when other "
-    "waiters of this process are ahead of it, so a newcomer passes a parked waiter",
-)
 @pytest.mark.parametrize("cls", [Lock, Semaphore])
 async def test_a_newcomer_queues_behind_the_waiters(cls: type[Primitive]) -> None:
     obj = cls()

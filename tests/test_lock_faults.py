@@ -435,12 +435,18 @@ def test_exec_of_the_holder_is_a_death(program: str, fds: str, kind: str) -> Non
 
 @pytest.mark.parametrize("death", ["sigkill", "exit", "exec"])
 def test_units_of_a_dead_process_come_back(death: str, kind: str) -> None:
-    with closing(Semaphore(3)) as sem, Completion() as held, Children() as children:
+    with (
+        closing(Semaphore(3)) as sem,
+        Completion() as held,
+        Completion() as go,
+        Children() as children,
+    ):
 
         def hold_two() -> str:  # pragma: no cover - dies
             assert sem.acquire_blocking(timeout=SOON)
             assert sem.acquire_blocking(timeout=SOON)
             held.complete()
+            assert go.wait_blocking(timeout=SOON)
             if death == "exit":
                 os._exit(0)
             if death == "exec":
@@ -458,7 +464,8 @@ def test_units_of_a_dead_process_come_back(death: str, kind: str) -> None:
             await asyncio.sleep(0)
             if death == "sigkill":
                 children.kill(pid)
-            # (exit: it is gone already; exec: the pid lives on as /bin/sleep)
+            else:  # it exits, or the pid lives on as /bin/sleep
+                go.complete()
             assert await soon(asyncio.gather(*tasks)) == [True, True]
 
         run_on(kind, get_them_back())
@@ -659,12 +666,6 @@ def test_semaphore_sigkill_at_random_points_units_come_back(kind: str) -> None:
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding for the lead: a release hands the lock to the dead waiter's line "
-    "entry and nothing frees it until another process fails to take it; meanwhile "
-    "locked() is True and owner_pid names a process that never held it",
-)
 def test_a_lock_handed_to_a_dead_waiter_reads_free() -> None:
     """The only waiter is killed, then the holder releases: the release hands the lock
     to the dead process (nobody was waiting to see it die). Nobody holds the lock, so
@@ -682,36 +683,34 @@ def test_a_lock_handed_to_a_dead_waiter_reads_free() -> None:
         assert state == (False, None), f"read as held by the dead waiter {dead}: {state}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="finding for the lead: a dead holder's units are freed only when some "
-    "process finds no free unit (or waits and sees the death); until then `value` "
-    "counts them as held (the design says they come back at once, like SEM_UNDO)",
-)
 @pytest.mark.parametrize("death", ["sigkill", "exit"])
 def test_units_of_a_dead_process_are_counted_free_at_once(death: str) -> None:
     """Nobody waits when a holder of units dies: `value` counts them free again (the
     units return when the process dies, not when somebody next needs one)."""
-    with closing(Semaphore(2)) as sem, Completion() as held, Children() as children:
-        pid = children.fork(holder(sem, held) if death == "sigkill" else exit_holding(sem, held))
+    with (
+        closing(Semaphore(2)) as sem,
+        Completion() as held,
+        Completion() as go,
+        Children() as children,
+    ):
+
+        def hold_then_die() -> str:  # pragma: no cover - dies
+            assert sem.acquire_blocking(timeout=SOON)
+            held.complete()
+            assert go.wait_blocking(timeout=SOON)
+            os._exit(0)
+
+        pid = children.fork(hold_then_die)
         assert held.wait_blocking(timeout=SOON)
         assert sem.value == 1
         if death == "sigkill":
             children.kill(pid)
         else:
+            go.complete()
             children.collect(pid)
-        value = sem.value
+        assert sem.value == 2
+        assert repr(sem) == "<aiosync.Semaphore value=2/2 held here=0>"
         sem.acquire_nowait()
-        sem.acquire_nowait()  # they are there to take (this part holds either way)
+        sem.acquire_nowait()
         sem.release()
         sem.release()
-        assert value == 2, f"value {value} after the holder of one unit died"
-
-
-def exit_holding(sem: Semaphore, held: Completion) -> Callable[[], str]:
-    def child() -> str:  # pragma: no cover - exits
-        assert sem.acquire_blocking(timeout=SOON)
-        held.complete()
-        os._exit(0)
-
-    return child

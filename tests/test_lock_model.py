@@ -199,11 +199,11 @@ class Machine(RuleBasedStateMachine):
         self.obj = self.make()
         self.workers: list[Worker] = []
         self.waiting: list[int] = []  # indexes into workers, oldest first
-        # Waiters killed while no other process was waiting may stay in the shared
-        # line until some process looks: a release may hand the lock (a unit) to such
-        # a dead process; it is freed by the next process that finds nothing free, and
-        # a waiting one then takes it, whichever sees it first. The model stops
-        # predicting which waiter a release serves once there may be such ghosts.
+        # Waiters killed while no other process was waiting stay in the shared line
+        # until some process looks: a release may hand the lock (a unit) to such a
+        # dead process, and a waiting one then frees and takes it, whichever sees it
+        # first. The model stops predicting which waiter a release serves once there
+        # may be such ghosts.
         self.ghost_waiters = 0
         for _ in range(WORKERS):
             self.workers.append(Worker(self.kind, self.obj))
@@ -299,10 +299,10 @@ class LockMachine(Machine):
         self.inconsistent = False
         self.dead_owner: int | None = None  # died holding, nobody took it over yet
         self.broken = False
-        # Pids of dead processes the lock may still name (until a later acquire looks):
-        # a holder's, or a waiter's that a release handed the lock to with nobody else
-        # waiting to see that it was dead.
-        self.ghosts: set[int] = set()
+        # Pids of holders that died with nobody waiting: the lock names them (held,
+        # not yet taken over) until the next acquire takes it over, as POSIX's robust
+        # mutexes do.
+        self.dead_holders: set[int] = set()
 
     def make(self) -> Primitive:
         return Lock()
@@ -400,7 +400,8 @@ class LockMachine(Machine):
 
     @rule(w=st.integers(0, WORKERS - 1))
     def kill(self, w: int) -> None:
-        self.ghosts.add(self.workers[w].pid)
+        if w == self.owner:
+            self.dead_holders.add(self.workers[w].pid)
         self.killed(w)
         if w == self.owner:
             self.owner = None
@@ -418,8 +419,9 @@ class LockMachine(Machine):
             assert self.lock.owner_pid == self.workers[self.owner].pid
             assert self.lock.inconsistent == self.inconsistent
         else:
-            # Free, though it may still name a dead process (see `ghosts`).
-            assert self.lock.owner_pid in self.ghosts | {None}
+            # Free, or held by a dead holder nobody took it over from yet (never by a
+            # dead waiter it was handed to).
+            assert self.lock.owner_pid in self.dead_holders | {None}
             assert self.lock.locked() == (self.lock.owner_pid is not None)
 
 
@@ -435,9 +437,6 @@ class SemaphoreMachine(Machine):
         super().__init__()
         self.value = UNITS
         self.holds = [0] * WORKERS
-        # Units of dead workers that no process has looked at yet: `value` may still
-        # count them as held until some acquire finds no free unit and recovers them.
-        self.stale = 0
 
     def make(self) -> Primitive:
         return Semaphore(UNITS)
@@ -453,9 +452,7 @@ class SemaphoreMachine(Machine):
         others = [w for w in self.waiting if w != releaser]
         w = others[0] if others else releaser if releaser in self.waiting else None
         if w is None:
-            self.value += 1
-            if self.ghost_waiters:
-                self.stale += 1  # maybe handed to a dead waiter, not yet freed
+            self.value += 1  # (handed to a dead waiter maybe, which counts as free)
             return
         self.holds[self.serve_next("got", w)] += 1
 
@@ -528,24 +525,16 @@ class SemaphoreMachine(Machine):
         self.holds[w] = 0
         if not back:
             return
-        if self.waiting:  # a waiting process sees the death and recovers every dead unit
-            back += self.stale
-            self.stale = 0
+        if self.waiting:  # waiting processes see the death; they take in any order
             for taker in self.find_grants(min(back, len(self.waiting)), "got"):
                 self.holds[taker] += 1
                 back -= 1
-            self.value += back
-        else:
-            self.value += back
-            self.stale += back
+        self.value += back
 
     @invariant()
     def matches_the_model(self) -> None:
-        value = self.sem.value
-        assert self.value - self.stale <= value <= self.value
-        if value == self.value:
-            self.stale = 0  # recovered (by an acquire that found no free unit)
-        assert self.sem.locked() == (value == 0)
+        assert self.sem.value == self.value
+        assert self.sem.locked() == (self.value == 0)
 
 
 def run_machine(cls: type[Machine], kind: str) -> None:
