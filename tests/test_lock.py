@@ -50,6 +50,14 @@ async def settle(rounds: int = 5) -> None:
         await asyncio.sleep(0)
 
 
+async def assert_free(obj: Primitive, what: str = "") -> None:
+    """Once pending steps ran, nobody holds it, and it can be taken at once."""
+    await settle()
+    assert not obj.locked(), f"left held by nobody {what}"
+    obj.acquire_nowait()
+    obj.release()
+
+
 # ---------------------------------------------------------------------------------------
 # The API
 # ---------------------------------------------------------------------------------------
@@ -520,9 +528,7 @@ async def test_a_cancelled_waiter_takes_nothing(cls: type[Primitive]) -> None:
         obj.release()
         assert await soon(after) is True
         obj.release()
-        assert not obj.locked()
-        obj.acquire_nowait()
-        obj.release()
+        await assert_free(obj)
     finally:
         obj.close()
 
@@ -543,10 +549,7 @@ async def test_a_waiter_handed_the_lock_and_cancelled_before_it_ran_passes_it_on
             await handed
         assert await soon(nxt) is True  # passed on
         obj.release()
-        await settle()
-        assert not obj.locked()  # never left held by nobody
-        obj.acquire_nowait()
-        obj.release()
+        await assert_free(obj)
     finally:
         obj.close()
 
@@ -606,10 +609,7 @@ async def test_cancellation_at_every_point_of_an_acquire(cls: type[Primitive]) -
                 assert await soon(second) is True, (r, c)
                 assert obj.locked()
                 obj.release()
-                await settle()
-                assert not obj.locked(), f"left held by nobody (release at {r}, cancel at {c})"
-                obj.acquire_nowait()
-                obj.release()
+                await assert_free(obj, f"(release at {r}, cancel at {c})")
             finally:
                 obj.close()
 
@@ -637,10 +637,7 @@ async def test_timeouts_at_random_points_lose_nothing(cls: type[Primitive]) -> N
 
     try:
         await soon(asyncio.gather(*(worker(i) for i in range(6))), seconds=60)
-        await settle()
-        assert not obj.locked()
-        obj.acquire_nowait()
-        obj.release()
+        await assert_free(obj)
     finally:
         obj.close()
 
