@@ -1,0 +1,673 @@
+"""Lock and Semaphore: the cost of an uncontended acquire, a two-process hand-off, the
+worst wait under contention (docs/design.md §6).
+
+**Uncontended**, one process, one task: ``async with`` (and ``await acquire()`` +
+``release()``) on a free `aiosync.Lock` against ``asyncio.Lock`` (target: <= 3 x) and
+against ``multiprocessing.Lock`` acquired through ``loop.run_in_executor`` with a
+one-thread executor and released in the loop's thread (what you would write without
+aiosync; target: aiosync >= 10 x faster); ``async with`` on an `aiosync.Semaphore(3)`
+against ``asyncio.Semaphore(3)`` (<= 3 x). Each repetition runs on a fresh loop, a
+tenth of the rounds as a warm-up.
+
+**Hand-off.** Two processes take turns holding the Lock. Each side acquires, checks in
+a shared counter that the other side held the lock since its own last turn (the
+counter's parity says whose turn it is), bumps the counter, releases, and acquires
+again at once. A release hands the lock to the process that has waited longest, so once
+both sides wait in turn the hand-off is the only wait: the releaser queues behind the
+other side. (Until the other side first waits, a side can get the lock back out of
+turn: it then yields the CPU while it holds the lock, so that the other side queues,
+releases and queues behind it. That happens only while the two start, in the
+warm-up, or when a side is preempted between its release and its next acquire long
+enough for the other to take its turn; such turns out of order after the warm-up
+cost the figure a yield and an extra acquire and release, and are counted and
+printed.) The parent times
+its turns: a round trip is two hand-offs. The floor is the
+Completion benchmark's raw eventfd + ``add_reader`` ping-pong on the same loop, which
+does not use aiosync (`bench_completion.RawFloor`). Target: aiosync <= 1.25 x the
+floor.
+
+**Contention.** `PROCESSES` processes, started together, each loop ``acquire()`` ->
+critical section (bump a shared count of grants, yield to the loop once) ->
+``release()`` `CONTENDED` times. Each acquire records how many grants to others
+passed while it waited (the shared count read when it starts waiting and when it is
+granted) and how long it waited. Reported: the p99 and the maximum in hand-offs (a
+FIFO line between processes bounds it to ``PROCESSES - 1``: each other process at most
+once), the median and p99 wait in µs for information; the same for
+``multiprocessing.Lock`` through ``run_in_executor``, which is not FIFO.
+
+Everything runs on asyncio and uvloop, every process pinned to CPU 0 and unpinned, as
+the other benchmarks do.
+
+Usage: python -m benchmarks.bench_lock [--quick] [--rounds N] [--ops N]
+       [--repetitions N] [--contended N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import mmap
+import multiprocessing
+import os
+import signal
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Awaitable, Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from aiosync import Lock, Semaphore
+
+from ._common import (
+    LOOP_KINDS,
+    WARMUP,
+    Step,
+    alternate,
+    cpu_label,
+    pin,
+    round_trip,
+    run_on,
+    table,
+    verdict,
+)
+from ._results import Check, record
+from .bench_completion import RawFloor
+
+ROUNDS = 20_000  # two-process round trips per repetition
+QUICK_ROUNDS = 2_000
+OPS = 50_000  # uncontended acquire + release per repetition
+QUICK_OPS = 5_000
+MP_SHARE = 20  # mp.Lock through the executor: OPS // MP_SHARE (it is far slower)
+REPETITIONS = 5
+QUICK_REPETITIONS = 3
+PROCESSES = 4
+CONTENDED = 2_000  # acquires per process under contention
+QUICK_CONTENDED = 300
+
+TARGET_OVER_ASYNCIO = 3.0
+TARGET_MP = 10.0
+TARGET_FLOOR = 1.25
+
+
+def per_op(seconds: float, n: int) -> float:
+    return seconds / n * 1e6
+
+
+# -- 1. uncontended, one process ---------------------------------------------------------
+
+Body = Callable[[int], Awaitable[None]]
+
+
+async def _timed(body: Body, ops: int) -> float:
+    """µs per round of `body` (which runs n rounds), after a warm-up of a tenth."""
+    await body(max(1, ops // 10))
+    start = time.perf_counter()
+    await body(ops)
+    return per_op(time.perf_counter() - start, ops)
+
+
+async def asyncio_lock(ops: int) -> float:
+    lock = asyncio.Lock()
+
+    async def body(n: int) -> None:
+        for _ in range(n):
+            async with lock:
+                pass
+
+    return await _timed(body, ops)
+
+
+async def aiosync_lock_with(ops: int) -> float:
+    lock = Lock()
+
+    async def body(n: int) -> None:
+        for _ in range(n):
+            async with lock:
+                pass
+
+    try:
+        return await _timed(body, ops)
+    finally:
+        lock.close()
+
+
+async def aiosync_lock_calls(ops: int) -> float:
+    lock = Lock()
+    acquire, release = lock.acquire, lock.release
+
+    async def body(n: int) -> None:
+        for _ in range(n):
+            await acquire()
+            release()
+
+    try:
+        return await _timed(body, ops)
+    finally:
+        lock.close()
+
+
+async def mp_lock(ops: int) -> float:
+    lock = multiprocessing.Lock()
+    loop = asyncio.get_running_loop()
+    executor = ThreadPoolExecutor(max_workers=1)
+    acquire, release = lock.acquire, lock.release
+
+    async def body(n: int) -> None:
+        for _ in range(n):
+            await loop.run_in_executor(executor, acquire)
+            release()
+
+    try:
+        return await _timed(body, ops)
+    finally:
+        executor.shutdown(wait=True)  # no thread may outlive a repetition (fork)
+
+
+async def asyncio_semaphore(ops: int) -> float:
+    sem = asyncio.Semaphore(3)
+
+    async def body(n: int) -> None:
+        for _ in range(n):
+            async with sem:
+                pass
+
+    return await _timed(body, ops)
+
+
+async def aiosync_semaphore(ops: int) -> float:
+    sem = Semaphore(3)
+
+    async def body(n: int) -> None:
+        for _ in range(n):
+            async with sem:
+                pass
+
+    try:
+        return await _timed(body, ops)
+    finally:
+        sem.close()
+
+
+# name -> (what it times, the share of OPS it runs)
+UNCONTENDED: dict[str, tuple[Callable[[int], Coroutine[Any, Any, float]], int]] = {
+    "asyncio.Lock": (asyncio_lock, 1),
+    "async with lock": (aiosync_lock_with, 1),
+    "acquire() + release()": (aiosync_lock_calls, 1),
+    "mp.Lock via executor": (mp_lock, MP_SHARE),
+    "asyncio.Semaphore(3)": (asyncio_semaphore, 1),
+    "Semaphore(3)": (aiosync_semaphore, 1),
+}
+
+
+def _bind_uncontended(kind: str, name: str, ops: int) -> Callable[[], float]:
+    timed, share = UNCONTENDED[name]
+    return lambda: run_on(kind, timed(max(1, ops // share)))
+
+
+# -- 2. two processes taking turns ---------------------------------------------------------
+
+
+class LockTurns:
+    """Two processes taking turns holding an `aiosync.Lock` (the module docstring)."""
+
+    PATIENCE = 10.0  # s without a turn of the other side: it is gone
+
+    def __init__(self) -> None:
+        self.lock = Lock()
+        self.memory = mmap.mmap(-1, mmap.PAGESIZE)  # shared with the forked child
+        # [0]: turns taken by both sides; [1], [2]: the parent's and the child's turns
+        # out of order after the warm-up.
+        self.counts = memoryview(self.memory).cast("q")
+        self.out_of_order = 0  # both sides' turns out of order after the warm-up (close())
+
+    def side(self, parent: bool) -> Step:
+        lock, counts = self.lock, self.counts
+        mine = 0 if parent else 1  # my turn when the count of turns has this parity
+        missed = 1 if parent else 2
+        taken = 0  # my turns so far
+
+        async def step() -> None:
+            nonlocal taken
+            since = time.monotonic()
+            await lock.acquire()
+            while True:
+                if lock.inconsistent:
+                    raise RuntimeError("the other side died holding the lock")
+                if counts[0] % 2 == mine:
+                    counts[0] += 1
+                    lock.release()
+                    taken += 1
+                    return
+                # Out of turn: the other side was not waiting yet (it has not started,
+                # or it is gone). Let it run while I hold the lock, so that it queues,
+                # then release it to it and queue behind it.
+                if taken >= WARMUP:
+                    counts[missed] += 1
+                if time.monotonic() - since > self.PATIENCE:
+                    raise RuntimeError(f"the other side took no turn in {self.PATIENCE} s")
+                os.sched_yield()
+                lock.release()
+                await lock.acquire()
+
+        return step
+
+    def finish(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.out_of_order = self.counts[1] + self.counts[2]
+        self.counts.release()
+        self.memory.close()
+        self.lock.close()
+
+
+def _bind_floor(kind: str, rounds: int) -> Callable[[], float]:
+    return lambda: round_trip(RawFloor, kind, rounds)
+
+
+def _bind_turns(kind: str, rounds: int, tally: dict[str, int]) -> Callable[[], float]:
+    """`LockTurns` on loops of `kind`; adds its turns out of order to ``tally[kind]``."""
+
+    def run() -> float:
+        turns = LockTurns()
+        micros = round_trip(lambda: turns, kind, rounds)
+        tally[kind] += turns.out_of_order
+        return micros
+
+    return run
+
+
+# -- 3. the wait under contention ------------------------------------------------------------
+
+
+class Contended(Protocol):
+    """A lock that `PROCESSES` forked processes contend for."""
+
+    def in_child(self) -> tuple[Callable[[], Awaitable[object]], Callable[[], None]]:
+        """On the child's running loop: its (acquire, release)."""
+
+    def finish(self) -> None:
+        """In the child, after its last release (still on its loop)."""
+
+    def close(self) -> None:
+        """In the parent, after every child exited."""
+
+
+class AiosyncContended:
+    def __init__(self) -> None:
+        self.lock = Lock()
+
+    def in_child(self) -> tuple[Callable[[], Awaitable[object]], Callable[[], None]]:
+        lock = self.lock
+
+        async def acquire() -> None:
+            await lock.acquire()
+            if lock.inconsistent:
+                raise RuntimeError("a contender died holding the lock")
+
+        return acquire, lock.release
+
+    def finish(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.lock.close()
+
+
+class MpContended:
+    def __init__(self) -> None:
+        self.lock = multiprocessing.get_context("fork").Lock()
+        self.executor: ThreadPoolExecutor | None = None
+
+    def in_child(self) -> tuple[Callable[[], Awaitable[object]], Callable[[], None]]:
+        loop = asyncio.get_running_loop()
+        executor = self.executor = ThreadPoolExecutor(max_workers=1)
+        acquire = self.lock.acquire
+
+        def acquire_in_executor() -> Awaitable[object]:
+            return loop.run_in_executor(executor, acquire)
+
+        return acquire_in_executor, self.lock.release
+
+    def finish(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(wait=True)
+
+    def close(self) -> None:
+        pass
+
+
+CONTENDED_LOCKS: dict[str, Callable[[], Contended]] = {
+    "aiosync": AiosyncContended,
+    "mp.Lock": MpContended,
+}
+
+
+@dataclass
+class Waits:
+    """Every acquire of every process: grants to others meanwhile, and µs waited."""
+
+    handoffs: list[int]
+    micros: list[float]
+
+
+async def _contend(
+    contender: Contended, grants: memoryview, out: memoryview, acquires: int
+) -> None:
+    """One process's loop; per acquire, out[2i] = hand-offs, out[2i + 1] = ns waited."""
+    acquire, release = contender.in_child()
+    try:
+        for i in range(acquires):
+            before = grants[0]
+            start = time.perf_counter_ns()
+            await acquire()
+            waited = time.perf_counter_ns() - start
+            out[2 * i] = grants[0] - before
+            out[2 * i + 1] = waited
+            grants[0] += 1
+            await asyncio.sleep(0)  # a critical section that yields to the loop once
+            release()
+    finally:
+        contender.finish()
+
+
+def contend(make: Callable[[], Contended], kind: str, processes: int, acquires: int) -> Waits:
+    """Fork `processes` children that contend for one lock, started together.
+
+    A child that fails ends the run with an error: the others are killed (a
+    ``multiprocessing.Lock`` whose holder died is held for ever).
+    """
+    contender = make()
+    memory = mmap.mmap(-1, 8 * (1 + 2 * processes * acquires))
+    grants = memoryview(memory)[:8].cast("q")
+    slots = memoryview(memory)[8:].cast("q")
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    pids: list[int] = []
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for n in range(processes):
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - a contender
+                code = 0
+                try:
+                    os.close(ready_r)
+                    os.close(go_w)
+                    os.write(ready_w, b"r")
+                    os.close(ready_w)
+                    if os.read(go_r, 1) != b"g":
+                        raise RuntimeError("the benchmark's parent is gone")
+                    out = slots[2 * n * acquires : 2 * (n + 1) * acquires]
+                    run_on(kind, _contend(contender, grants, out, acquires))
+                except BaseException:
+                    traceback.print_exc()
+                    code = 1
+                finally:
+                    os._exit(code)
+            pids.append(pid)
+        os.close(ready_w)
+        ready_w = -1
+        started = 0
+        while started < processes and (got := os.read(ready_r, processes)):
+            started += len(got)
+        os.write(go_w, b"g" * started)
+        failed = _reap(pids)
+        pids.clear()
+        if failed or started < processes:
+            raise RuntimeError(f"benchmark contenders failed: {failed}")
+        values = slots.tolist()
+        return Waits(values[0::2], [ns / 1000 for ns in values[1::2]])
+    finally:
+        for pid in pids:  # only if this process failed before reaping them
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        for fd in (ready_r, ready_w, go_r, go_w):
+            if fd >= 0:
+                os.close(fd)
+        grants.release()
+        slots.release()
+        memory.close()
+        contender.close()
+
+
+def _reap(pids: list[int]) -> list[int]:
+    """Wait for every child; at the first that failed, kill the others. The failed pids."""
+    left, failed = set(pids), []
+    while left:
+        pid, status = os.wait()
+        if pid not in left:  # pragma: no cover - not ours
+            continue
+        left.discard(pid)
+        if os.waitstatus_to_exitcode(status) != 0:
+            failed.append(pid)
+            for other in left:
+                os.kill(other, signal.SIGKILL)
+    return failed
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The nearest-rank `q`-th percentile (a value of `values`)."""
+    ranked = sorted(values)
+    return ranked[max(0, math.ceil(q / 100 * len(ranked)) - 1)]
+
+
+# -- measuring and reporting ---------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    uncontended: dict[str, float]  # contender -> µs per acquire + release
+    floor: float  # µs per round trip
+    turns: float
+    out_of_order: int  # turns out of order after the warm-up, all repetitions
+    waits: dict[str, Waits]  # contender -> every acquire's wait
+
+
+def measure(
+    pinned: bool, ops: int, rounds: int, repetitions: int, acquires: int
+) -> dict[str, Result]:
+    """Medians per loop kind, all (loop, contender) pairs of each part alternated."""
+    pin(pinned)
+    uncontended = [
+        (f"{kind}/{name}", _bind_uncontended(kind, name, ops))
+        for kind in LOOP_KINDS
+        for name in UNCONTENDED
+    ]
+    out_of_order = dict.fromkeys(LOOP_KINDS, 0)
+    handoff: list[tuple[str, Callable[[], float]]] = []
+    for kind in LOOP_KINDS:
+        handoff.append((f"{kind}/floor", _bind_floor(kind, rounds)))
+        handoff.append((f"{kind}/turns", _bind_turns(kind, rounds, out_of_order)))
+    samples = {s.name: s.median for s in alternate(uncontended, repetitions)}
+    samples.update({s.name: s.median for s in alternate(handoff, repetitions)})
+    return {
+        kind: Result(
+            {name: samples[f"{kind}/{name}"] for name in UNCONTENDED},
+            samples[f"{kind}/floor"],
+            samples[f"{kind}/turns"],
+            out_of_order[kind],
+            {
+                name: contend(make, kind, PROCESSES, acquires)
+                for name, make in CONTENDED_LOCKS.items()
+            },
+        )
+        for kind in LOOP_KINDS
+    }
+
+
+def report(
+    results: dict[bool, dict[str, Result]], ops: int, rounds: int, repetitions: int, acquires: int
+) -> str:
+    lock_rows: list[list[object]] = []
+    sem_rows: list[list[object]] = []
+    handoff_rows: list[list[object]] = []
+    wait_rows: list[list[object]] = []
+    bound = PROCESSES - 1
+    for pinned, per_kind in results.items():
+        for kind, r in per_kind.items():
+            config = f"{cpu_label(pinned)}, {kind}"
+            u = r.uncontended
+            base = u["asyncio.Lock"]
+            with_ratio, calls_ratio = u["async with lock"] / base, u["acquire() + release()"] / base
+            mp_ratio = u["mp.Lock via executor"] / u["async with lock"]
+            lock_rows.append(
+                [
+                    cpu_label(pinned),
+                    kind,
+                    base,
+                    u["async with lock"],
+                    u["acquire() + release()"],
+                    u["mp.Lock via executor"],
+                    with_ratio,
+                    calls_ratio,
+                    verdict(max(with_ratio, calls_ratio), TARGET_OVER_ASYNCIO),
+                    mp_ratio,
+                    verdict(mp_ratio, TARGET_MP, at_most=False),
+                ]
+            )
+            record(
+                "Lock",
+                "acquire + release, uncontended, one process",
+                config,
+                "µs per acquire + release",
+                {name: u[name] for name in list(UNCONTENDED)[:4]},
+                [
+                    Check("async with / asyncio.Lock", with_ratio, TARGET_OVER_ASYNCIO),
+                    Check("acquire() + release() / asyncio.Lock", calls_ratio, TARGET_OVER_ASYNCIO),
+                    Check("mp.Lock / async with", mp_ratio, TARGET_MP, at_most=False),
+                ],
+            )
+            over_floor = r.turns / r.floor
+            handoff_rows.append(
+                [
+                    cpu_label(pinned),
+                    kind,
+                    r.floor,
+                    r.turns,
+                    over_floor,
+                    verdict(over_floor, TARGET_FLOOR),
+                    r.out_of_order,
+                ]
+            )
+            record(
+                "Lock",
+                "hand-off between two processes taking turns",
+                config,
+                "µs per round trip (two hand-offs)",
+                {"floor": r.floor, "aiosync": r.turns},
+                [Check("aiosync / floor", over_floor, TARGET_FLOOR)],
+            )
+            handoffs: dict[str, float] = {}
+            micros: dict[str, float] = {}
+            for name, w in r.waits.items():
+                worst, p99 = max(w.handoffs), percentile([float(h) for h in w.handoffs], 99)
+                median_us, p99_us = statistics.median(w.micros), percentile(w.micros, 99)
+                handoffs |= {f"{name} p99": p99, f"{name} max": float(worst)}
+                micros |= {f"{name} median": median_us, f"{name} p99": p99_us}
+                wait_rows.append(
+                    [cpu_label(pinned), kind, name, int(p99), worst, median_us, p99_us]
+                )
+            record(
+                "Lock",
+                f"worst wait under contention of {PROCESSES} processes, in hand-offs",
+                config,
+                "grants to others while one acquire waited",
+                handoffs,
+                [Check(f"aiosync max / {bound}", handoffs["aiosync max"] / bound, 1.0)],
+            )
+            record(
+                "Lock",
+                f"wait under contention of {PROCESSES} processes, wall clock",
+                config,
+                "µs per acquire",
+                micros,
+            )
+            sem_ratio = u["Semaphore(3)"] / u["asyncio.Semaphore(3)"]
+            sem_rows.append(
+                [
+                    cpu_label(pinned),
+                    kind,
+                    u["asyncio.Semaphore(3)"],
+                    u["Semaphore(3)"],
+                    sem_ratio,
+                    verdict(sem_ratio, TARGET_OVER_ASYNCIO),
+                ]
+            )
+            record(
+                "Semaphore",
+                "acquire + release, uncontended, one process",
+                config,
+                "µs per acquire + release",
+                {
+                    "asyncio.Semaphore(3)": u["asyncio.Semaphore(3)"],
+                    "Semaphore(3)": u["Semaphore(3)"],
+                },
+                [Check("Semaphore / asyncio.Semaphore", sem_ratio, TARGET_OVER_ASYNCIO)],
+            )
+    lock_table = table(
+        f"Lock acquire + release, uncontended, one process, us (median of {repetitions}; "
+        f"{ops} rounds, mp.Lock {ops // MP_SHARE})",
+        [
+            "cpus",
+            "loop",
+            "asyncio.Lock",
+            "async with",
+            "acquire+release",
+            "mp.Lock",
+            "with/asyncio",
+            "calls/asyncio",
+            "target",
+            "mp/with",
+            "target",
+        ],
+        lock_rows,
+    )
+    sem_table = table(
+        f"Semaphore(3) acquire + release, uncontended, one process, us (median of {repetitions})",
+        ["cpus", "loop", "asyncio.Semaphore", "aiosync", "aiosync/asyncio", "target"],
+        sem_rows,
+    )
+    handoff_table = table(
+        f"Lock hand-off, two processes taking turns, us per round trip (median of "
+        f"{repetitions}; {rounds} round trips)",
+        ["cpus", "loop", "floor", "aiosync", "aiosync/floor", "target", "out of order"],
+        handoff_rows,
+    )
+    wait_table = table(
+        f"Wait under contention, {PROCESSES} processes x {acquires} acquires: hand-offs "
+        f"waited (FIFO bound {bound}) and us",
+        ["cpus", "loop", "lock", "p99", "max", "median us", "p99 us"],
+        wait_rows,
+    )
+    return "\n\n".join((lock_table, sem_table, handoff_table, wait_table))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_lock")
+    parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
+    parser.add_argument("--rounds", type=int, help=f"two-process round trips ({ROUNDS})")
+    parser.add_argument("--ops", type=int, help=f"uncontended acquires ({OPS})")
+    parser.add_argument("--repetitions", type=int, help=f"repetitions ({REPETITIONS})")
+    parser.add_argument("--contended", type=int, help=f"acquires per process ({CONTENDED})")
+    args = parser.parse_args(argv)
+    rounds = args.rounds or (QUICK_ROUNDS if args.quick else ROUNDS)
+    ops = args.ops or (QUICK_OPS if args.quick else OPS)
+    repetitions = args.repetitions or (QUICK_REPETITIONS if args.quick else REPETITIONS)
+    acquires = args.contended or (QUICK_CONTENDED if args.quick else CONTENDED)
+    saved = os.sched_getaffinity(0)
+    try:
+        results = {
+            pinned: measure(pinned, ops, rounds, repetitions, acquires) for pinned in (True, False)
+        }
+    finally:
+        os.sched_setaffinity(0, saved)
+    print(report(results, ops, rounds, repetitions, acquires), flush=True)
+
+
+if __name__ == "__main__":
+    main()
