@@ -8,6 +8,11 @@ setup(
             "aiosync._seqc",
             sources=["aiosync/_seqc.c"],
             extra_compile_args=["-Wall", "-Wextra"],
-        )
+        ),
+        Extension(
+            "aiosync._robust",
+            sources=["aiosync/_robust.c"],
+            extra_compile_args=["-Wall", "-Wextra"],
+        ),
     ]
 )

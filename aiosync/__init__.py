@@ -22,6 +22,7 @@ from ._errors import (
     WouldBlock,
 )
 from ._group import BarrierGroup, GroupResult
+from ._lock import Lock, Semaphore
 from ._seqcount import SeqCount, SeqRecord
 from ._share import create_subprocess_exec, inherited
 
@@ -34,7 +35,9 @@ __all__ = [
     "ClosedResourceError",
     "Completion",
     "GroupResult",
+    "Lock",
     "Role",
+    "Semaphore",
     "SeqCount",
     "SeqRecord",
     "SharingError",

@@ -44,6 +44,30 @@ def memfd(name: str, size: int) -> int:
     return fd
 
 
+def private_description(fd: int, offset: int) -> int:
+    """A new open file description of the file `fd` refers to, close-on-exec, read-only,
+    its file offset set to `offset`.
+
+    Other processes see it in ``/proc/PID/fdinfo`` (``pos``), and its last close (exit,
+    exec, close) is an inotify close event on the file.
+    """
+    new = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.lseek(new, offset, os.SEEK_SET)
+    except BaseException:
+        os.close(new)
+        raise
+    return new
+
+
+def watch(fd: int) -> int:
+    """A new non-blocking, close-on-exec inotify fd that reports reads and closes of the
+    file `fd` refers to, by any process. (Closing it costs milliseconds: make it lazily.)"""
+    from . import _robust
+
+    return _robust.watch(fd)
+
+
 def map_shared(fd: int, size: int) -> mmap.mmap:
     """Map the first `size` bytes of `fd` shared, readable and writable.
 

@@ -406,7 +406,7 @@ def test_state_or_fds_not_objects(fds: Fds) -> None:
     expect_error(report, "'gate'", "malformed state or fds")
 
 
-@pytest.mark.parametrize("type_name", ["Lock", "barrier", "object", "Role", "SharingError"])
+@pytest.mark.parametrize("type_name", ["RLock", "barrier", "object", "Role", "SharingError"])
 def test_unknown_type(fds: Fds, type_name: str) -> None:
     report = probe(fds, edit(fds, lambda e: e.update(type=type_name)))
     expect_error(report, "'gate'", f"unknown type {type_name!r}")
