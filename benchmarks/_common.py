@@ -186,18 +186,7 @@ def forked_pair(kind: str, side: Callable[[bool], Coroutine[Any, Any, T]]) -> T:
 
     A child that fails makes it raise; if the parent's side fails, the child is killed.
     """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 0
-        try:
-            run_on(kind, side(False))
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        finally:
-            os._exit(code)
+    pid = fork_child(lambda: run_on(kind, side(False)))
     try:
         result = run_on(kind, side(True))
     except BaseException:
@@ -208,3 +197,21 @@ def forked_pair(kind: str, side: Callable[[bool], Coroutine[Any, Any, T]]) -> T:
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"benchmark child failed (status {status})")
     return result
+
+
+def fork_child(body: Callable[[], object]) -> int:
+    """Fork a child that runs `body` and exits: 0 if it returned, 1 if it raised (with
+    the traceback on stderr). Its pid."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 0
+        try:
+            body()
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        finally:
+            os._exit(code)
+    return pid

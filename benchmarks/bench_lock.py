@@ -48,15 +48,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import math
 import mmap
 import multiprocessing
 import os
 import signal
 import statistics
-import sys
 import time
-import traceback
 from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -69,6 +68,7 @@ from ._common import (
     WARMUP,
     alternate,
     cpu_label,
+    fork_child,
     forked_pair,
     pin,
     round_trip,
@@ -414,26 +414,9 @@ def contend(make: Callable[[], Contended], kind: str, processes: int, acquires: 
     go_r, go_w = os.pipe()
     pids: list[int] = []
     try:
-        sys.stdout.flush()
-        sys.stderr.flush()
         for n in range(processes):
-            pid = os.fork()
-            if pid == 0:  # pragma: no cover - a contender
-                code = 0
-                try:
-                    os.close(ready_r)
-                    os.close(go_w)
-                    os.write(ready_w, b"r")
-                    os.close(ready_w)
-                    if os.read(go_r, 1) != b"g":
-                        raise RuntimeError("the benchmark's parent is gone")
-                    out = slots[2 * n * acquires : 2 * (n + 1) * acquires]
-                    run_on(kind, _contend(contender, n, grants, out, acquires))
-                except BaseException:
-                    traceback.print_exc()
-                    code = 1
-                finally:
-                    os._exit(code)
+            life = (contender, n, kind, grants, slots, acquires, (ready_r, ready_w, go_r, go_w))
+            pid = fork_child(functools.partial(_contender_life, *life))
             pids.append(pid)
         os.close(ready_w)
         ready_w = -1
@@ -458,6 +441,27 @@ def contend(make: Callable[[], Contended], kind: str, processes: int, acquires: 
         slots.release()
         memory.close()
         contender.close()
+
+
+def _contender_life(
+    contender: Contended,
+    index: int,
+    kind: str,
+    grants: memoryview,
+    slots: memoryview,
+    acquires: int,
+    pipes: tuple[int, int, int, int],
+) -> None:
+    """Contender `index`, from the fork to its exit: ready, wait for the go, contend."""
+    ready_r, ready_w, go_r, go_w = pipes
+    os.close(ready_r)
+    os.close(go_w)
+    os.write(ready_w, b"r")
+    os.close(ready_w)
+    if os.read(go_r, 1) != b"g":
+        raise RuntimeError("the benchmark's parent is gone")
+    out = slots[2 * index * acquires : 2 * (index + 1) * acquires]
+    run_on(kind, _contend(contender, index, grants, out, acquires))
 
 
 def _reap(pids: list[int]) -> list[int]:
