@@ -45,10 +45,17 @@ def test_the_site_builds_strictly(tmp_path: Path) -> None:
     result = build(ROOT, tmp_path / "site")
     assert result.returncode == 0, result.stderr
     api = (tmp_path / "site" / "api" / "index.html").read_text()
-    for name in ("aiosync.BarrierGroup.place_and_sync", "aiosync.SeqRecord.read_nowait"):
+    for name in (
+        "aiosync.BarrierGroup.place_and_sync",
+        "aiosync.SeqRecord.read_nowait",
+        "aiosync.Lock.mark_consistent",
+        "aiosync.Lock.acquire_blocking",
+        "aiosync.Semaphore.value",
+    ):
         assert name in api
     examples = (tmp_path / "site" / "examples" / "index.html").read_text()
     assert 'id="prefork_server"' in examples
+    assert 'id="robust_log"' in examples
 
 
 @pytest.mark.parametrize(
