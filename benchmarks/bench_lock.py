@@ -1,11 +1,12 @@
 """Lock and Semaphore: the cost of an uncontended acquire, a two-process hand-off, the
 worst wait under contention (docs/design.md §6).
 
-**Uncontended**, one process, one task: ``async with`` (and ``await acquire()`` +
-``release()``) on a free `aiosync.Lock` against ``asyncio.Lock`` (target: <= 3 x) and
-against ``multiprocessing.Lock`` acquired through ``loop.run_in_executor`` with a
-one-thread executor and released in the loop's thread (what you would write without
-aiosync; target: aiosync >= 10 x faster); ``async with`` on an `aiosync.Semaphore(3)`
+**Uncontended**, one process, one task: ``async with`` on a free `aiosync.Lock`
+against ``async with`` on an ``asyncio.Lock``, and ``await acquire()`` + ``release()``
+against the same calls on an ``asyncio.Lock`` (target: <= 3 x each); against
+``multiprocessing.Lock`` acquired through ``loop.run_in_executor`` with a one-thread
+executor and released in the loop's thread (what you would write without aiosync;
+target: aiosync's calls >= 10 x faster); ``async with`` on an `aiosync.Semaphore(3)`
 against ``asyncio.Semaphore(3)`` (<= 3 x). Each repetition runs on a fresh loop, a
 tenth of the rounds as a warm-up.
 
@@ -112,44 +113,27 @@ async def _timed(body: Body, ops: int) -> float:
     return per_op(time.perf_counter() - start, ops)
 
 
-async def asyncio_lock(ops: int) -> float:
-    lock = asyncio.Lock()
-
-    async def body(n: int) -> None:
-        for _ in range(n):
-            async with lock:
-                pass
-
-    return await _timed(body, ops)
-
-
-async def aiosync_lock_with(ops: int) -> float:
-    lock = Lock()
-
-    async def body(n: int) -> None:
-        for _ in range(n):
-            async with lock:
-                pass
-
-    try:
-        return await _timed(body, ops)
-    finally:
-        lock.close()
-
-
-async def aiosync_lock_calls(ops: int) -> float:
-    lock = Lock()
+async def uncontended(make: Callable[[], Any], calls: bool, ops: int) -> float:
+    """µs per ``async with`` (or ``await acquire()`` + ``release()``, if `calls`) of a
+    free lock or semaphore that `make` makes."""
+    lock = make()
     acquire, release = lock.acquire, lock.release
 
-    async def body(n: int) -> None:
+    async def with_body(n: int) -> None:
+        for _ in range(n):
+            async with lock:
+                pass
+
+    async def calls_body(n: int) -> None:
         for _ in range(n):
             await acquire()
             release()
 
     try:
-        return await _timed(body, ops)
+        return await _timed(calls_body if calls else with_body, ops)
     finally:
-        lock.close()
+        if isinstance(lock, Lock | Semaphore):
+            lock.close()
 
 
 async def mp_lock(ops: int) -> float:
@@ -169,40 +153,29 @@ async def mp_lock(ops: int) -> float:
         executor.shutdown(wait=True)  # no thread may outlive a repetition (fork)
 
 
-async def asyncio_semaphore(ops: int) -> float:
-    sem = asyncio.Semaphore(3)
-
-    async def body(n: int) -> None:
-        for _ in range(n):
-            async with sem:
-                pass
-
-    return await _timed(body, ops)
+def _semaphore_3() -> Semaphore:
+    return Semaphore(3)
 
 
-async def aiosync_semaphore(ops: int) -> float:
-    sem = Semaphore(3)
-
-    async def body(n: int) -> None:
-        for _ in range(n):
-            async with sem:
-                pass
-
-    try:
-        return await _timed(body, ops)
-    finally:
-        sem.close()
+def _asyncio_semaphore_3() -> asyncio.Semaphore:
+    return asyncio.Semaphore(3)
 
 
-# name -> (what it times, the share of OPS it runs)
+ASYNCIO_WITH, ASYNCIO_CALLS = "asyncio.Lock: async with", "asyncio.Lock: acquire() + release()"
+WITH, CALLS = "aiosync: async with", "aiosync: acquire() + release()"
+MP = "mp.Lock via executor"
+ASYNCIO_SEM, SEM = "asyncio.Semaphore(3)", "Semaphore(3)"
+# name -> (what it times, the share of OPS it runs); each form against the same form
 UNCONTENDED: dict[str, tuple[Callable[[int], Coroutine[Any, Any, float]], int]] = {
-    "asyncio.Lock": (asyncio_lock, 1),
-    "async with lock": (aiosync_lock_with, 1),
-    "acquire() + release()": (aiosync_lock_calls, 1),
-    "mp.Lock via executor": (mp_lock, MP_SHARE),
-    "asyncio.Semaphore(3)": (asyncio_semaphore, 1),
-    "Semaphore(3)": (aiosync_semaphore, 1),
+    ASYNCIO_WITH: (functools.partial(uncontended, asyncio.Lock, False), 1),
+    ASYNCIO_CALLS: (functools.partial(uncontended, asyncio.Lock, True), 1),
+    WITH: (functools.partial(uncontended, Lock, False), 1),
+    CALLS: (functools.partial(uncontended, Lock, True), 1),
+    MP: (mp_lock, MP_SHARE),
+    ASYNCIO_SEM: (functools.partial(uncontended, _asyncio_semaphore_3, False), 1),
+    SEM: (functools.partial(uncontended, _semaphore_3, False), 1),
 }
+LOCK_CONTENDERS = (ASYNCIO_WITH, ASYNCIO_CALLS, WITH, CALLS, MP)
 
 
 def _bind_uncontended(kind: str, name: str, ops: int) -> Callable[[], float]:
@@ -541,17 +514,14 @@ def report(
         for kind, r in per_kind.items():
             config = f"{cpu_label(pinned)}, {kind}"
             u = r.uncontended
-            base = u["asyncio.Lock"]
-            with_ratio, calls_ratio = u["async with lock"] / base, u["acquire() + release()"] / base
-            mp_ratio = u["mp.Lock via executor"] / u["async with lock"]
+            with_ratio = u[WITH] / u[ASYNCIO_WITH]
+            calls_ratio = u[CALLS] / u[ASYNCIO_CALLS]
+            mp_ratio = u[MP] / u[CALLS]
             lock_rows.append(
                 [
                     cpu_label(pinned),
                     kind,
-                    base,
-                    u["async with lock"],
-                    u["acquire() + release()"],
-                    u["mp.Lock via executor"],
+                    *(u[name] for name in LOCK_CONTENDERS),
                     with_ratio,
                     calls_ratio,
                     verdict(max(with_ratio, calls_ratio), TARGET_OVER_ASYNCIO),
@@ -564,11 +534,13 @@ def report(
                 "acquire + release, uncontended, one process",
                 config,
                 "µs per acquire + release",
-                {name: u[name] for name in list(UNCONTENDED)[:4]},
+                {name: u[name] for name in LOCK_CONTENDERS},
                 [
-                    Check("async with / asyncio.Lock", with_ratio, TARGET_OVER_ASYNCIO),
-                    Check("acquire() + release() / asyncio.Lock", calls_ratio, TARGET_OVER_ASYNCIO),
-                    Check("mp.Lock / async with", mp_ratio, TARGET_MP, at_most=False),
+                    Check("async with / asyncio.Lock's", with_ratio, TARGET_OVER_ASYNCIO),
+                    Check(
+                        "acquire() + release() / asyncio.Lock's", calls_ratio, TARGET_OVER_ASYNCIO
+                    ),
+                    Check("mp.Lock / acquire() + release()", mp_ratio, TARGET_MP, at_most=False),
                 ],
             )
             over_floor = r.turns / r.floor
@@ -616,13 +588,13 @@ def report(
                 "µs per acquire",
                 micros,
             )
-            sem_ratio = u["Semaphore(3)"] / u["asyncio.Semaphore(3)"]
+            sem_ratio = u[SEM] / u[ASYNCIO_SEM]
             sem_rows.append(
                 [
                     cpu_label(pinned),
                     kind,
-                    u["asyncio.Semaphore(3)"],
-                    u["Semaphore(3)"],
+                    u[ASYNCIO_SEM],
+                    u[SEM],
                     sem_ratio,
                     verdict(sem_ratio, TARGET_OVER_ASYNCIO),
                 ]
@@ -633,8 +605,8 @@ def report(
                 config,
                 "µs per acquire + release",
                 {
-                    "asyncio.Semaphore(3)": u["asyncio.Semaphore(3)"],
-                    "Semaphore(3)": u["Semaphore(3)"],
+                    "asyncio.Semaphore(3)": u[ASYNCIO_SEM],
+                    "Semaphore(3)": u[SEM],
                 },
                 [Check("Semaphore / asyncio.Semaphore", sem_ratio, TARGET_OVER_ASYNCIO)],
             )
@@ -644,14 +616,15 @@ def report(
         [
             "cpus",
             "loop",
-            "asyncio.Lock",
-            "async with",
-            "acquire+release",
+            "asyncio with",
+            "asyncio calls",
+            "with",
+            "calls",
             "mp.Lock",
             "with/asyncio",
             "calls/asyncio",
             "target",
-            "mp/with",
+            "mp/calls",
             "target",
         ],
         lock_rows,
