@@ -67,6 +67,7 @@ us, a free unit, a death), so no other waiter of this process needs to see it.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 import weakref
@@ -126,7 +127,10 @@ class _Robust(Resource):
         self._units = units
         st = os.fstat(memfd)
         self._ident = (st.st_dev, st.st_ino)
-        self._waitq: _waitq.WaitQueue[None, None] = _waitq.WaitQueue(self, self._closed_error)
+        # The error factory must not hold `self` (a cycle would keep a dropped object's
+        # fds until the cyclic collector runs).
+        closed = functools.partial(ClosedResourceError, f"the {self._kind} was closed")
+        self._waitq: _waitq.WaitQueue[None, None] = _waitq.WaitQueue(self, closed)
         self._closed = False
         _live.add(self)
 
@@ -216,9 +220,10 @@ class _Robust(Resource):
             if self._closed:
                 raise self._closed_error()
             try:
-                # Joined, then look (a release either sees us in the line or happened
-                # before this look).
-                acquired = self._enter_line() or self._try_take()
+                # The first of this process joins the line, then looks (a release
+                # either sees us in the line or happened before this look). Later ones
+                # queue behind the waiters already there, without looking.
+                acquired = self._enter_line() or (self._in_line == 1 and self._try_take())
             except BaseException:
                 self._leave_line(False)
                 raise
@@ -343,13 +348,18 @@ class _Robust(Resource):
     def _recover(self) -> bool:
         """Look for units held by, or handed to, dead processes and recover them; drop
         dead processes from the line. Returns whether we took a unit meanwhile."""
-        me = self._me()
-        shared = self._shared
-        alive = _Liveness(self._ident, shared)
+        alive = _Liveness(self._ident, self._shared)
         # The line first, then the units: a releaser hands a unit and then checks that
         # the receiver is still in the line, so a hand-off to a process we drop here is
         # either seen by that releaser (it takes the unit back) or by our look below.
         self._recover_line(alive)
+        return self._free_dead(alive, take_over=True) or self._try_take()
+
+    def _free_dead(self, alive: _Liveness, *, take_over: bool) -> bool:
+        """Free the units dead processes hold (a Semaphore's) or were handed; take over
+        a Lock a dead process holds if `take_over`. Returns whether we took it."""
+        me = self._me()
+        shared = self._shared
         took = False
         for i, word in enumerate(shared.units()):
             holder = word & _TAG
@@ -357,10 +367,24 @@ class _Robust(Resource):
                 continue
             if word & _HANDED or not self._robust_lock:
                 shared.free_dead(i, word, self._priv)
-            elif not took and shared.take_over(i, word, me, True):
+            elif take_over and not took and shared.take_over(i, word, me, True):
                 self._held.append(i)
                 took = True
-        return took or self._try_take()
+        return took
+
+    def _observe(self) -> None:
+        """Before telling the state: units of dead processes come back (or, handed to
+        a dead process, are free), as an acquire would find them. Looks at /proc only
+        when some unit is held or handed by another process."""
+        self._check_open()
+        me, lock = self._tag, self._robust_lock
+        if any(
+            w & _TAG and w & _TAG != me and not w & _BROKEN and (w & _HANDED or not lock)
+            for w in self._shared.units()
+        ):
+            with self._waitq.lock:
+                if not self._closed:
+                    self._free_dead(_Liveness(self._ident, self._shared), take_over=False)
 
     def _recover_line(self, alive: _Liveness | None = None) -> None:
         if alive is None:
@@ -603,14 +627,20 @@ class Lock(_Robust):
     _not_held = RuntimeError, "release() of a Lock this process does not hold"
 
     def locked(self) -> bool:
-        """Whether the lock is held now (by any process), or unrecoverable."""
-        self._check_open()
+        """Whether the lock is held now (by any process), or unrecoverable.
+
+        A lock whose holder died stays locked until the next acquirer takes it over.
+        """
+        self._observe()
         return self._shared.word(0) != 0
 
     @property
     def owner_pid(self) -> int | None:
-        """The pid of the process that holds the lock now, or None."""
-        self._check_open()
+        """The pid of the process that holds the lock now, or None.
+
+        After the holder's death, its pid until the next acquirer takes the lock over.
+        """
+        self._observe()
         word = self._shared.word(0)
         if word == 0 or word & _BROKEN:
             return None
@@ -684,8 +714,8 @@ class Semaphore(_Robust):
 
     @property
     def value(self) -> int:
-        """How many units are free now."""
-        self._check_open()
+        """How many units are free now (a dead process's units are free again)."""
+        self._observe()
         return int(self._shared.free_units())
 
     def locked(self) -> bool:
