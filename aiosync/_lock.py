@@ -325,17 +325,24 @@ class _Robust(Resource):
         # them is kept for the waiter to look into) and wakes the oldest waiter of this
         # loop only if that waiter would find something (a ring that handed the lock to
         # another process, our own release's ring included, wakes nobody here).
-        self._seen |= _robust.drain(self._ino)
-        if self._seen & _DEATH or self._shared.wants(self._tag):
+        if self._look():
             self._waitq.ring(slot, None)
 
-    def _ring_again(self) -> None:
-        """A waiter woken for something gave up without looking (cancelled): wake the
-        next of each loop, if there is still something to find (lock held)."""
-        if self._in_line and (self._seen & _DEATH or self._shared.wants(self._tag)):
+    def _look(self) -> bool:
+        """Drain our events; whether a waiter of ours would find something (lock held)."""
+        self._seen |= _robust.drain(self._ino)
+        return self._seen & _DEATH != 0 or self._shared.wants(self._tag)
+
+    def _ring_here(self, *, look: bool) -> None:
+        """Wake the next waiter of each loop and every blocked thread of ours if they
+        would find something (lock held): after a waiter woken for something gave up
+        without looking (cancelled), or (`look`) after our own release rang."""
+        found = self._look() if look else self._seen & _DEATH or self._shared.wants(self._tag)
+        if found and self._in_line:
             queue = self._waitq
             for slot in queue.slots():
                 queue.ring(slot, None)
+            queue.wake_blockers()
 
     # -- the line (lock held) ----------------------------------------------------------
 
@@ -371,7 +378,7 @@ class _Robust(Resource):
             if self._entry >= 0:
                 self._shared.renew(self._entry, self._tag)  # others of ours wait: to the back
         else:
-            self._ring_again()
+            self._ring_here(look=False)
 
     # -- deaths (lock held) -------------------------------------------------------------
 
@@ -446,7 +453,14 @@ class _Robust(Resource):
             error, message = self._not_held
             raise error(message) from None
         try:
-            if self._shared.give(unit, self._tag, self._priv):
+            given = self._shared.give(unit, self._tag, self._priv)
+            if given == _robust.RANG and self._ino >= 0:
+                # Our own ring reached our inotify fd too: read it now, rather than have
+                # our loop wake up for it (it handed the lock to someone else).
+                with self._waitq.lock:
+                    if not self._closed:
+                        self._ring_here(look=True)
+            if given:
                 return
             if self._robust_lock and self._shared.break_(unit, self._tag, self._priv):
                 return  # released inconsistent: unrecoverable from now on

@@ -78,6 +78,10 @@ typedef _Atomic uint64_t atomic_u64;
 #define INCONSISTENT (UINT64_C(1) << 62)
 #define HANDED (UINT64_C(1) << 63)
 
+/* give() results: 0 (not ours) or */
+#define GIVEN 1
+#define RANG 2 /* given, and the waiting processes were rung */
+
 /* take() results besides a unit index */
 #define NONE_FREE (-1)
 #define IS_BROKEN (-2)
@@ -409,8 +413,8 @@ unit_arg(Shared *self, PyObject *args, Py_ssize_t *i, uint64_t *tag, int *fd)
     return 0;
 }
 
-/* give(i, tag, ring_fd) -> True if unit i was ours (and is now handed on or free),
- * False if it was not ours. Rings the waiting processes when needed. A Lock held
+/* give(i, tag, ring_fd) -> GIVEN or RANG if unit i was ours (and is now handed on or
+ * free; RANG: and the waiting processes were rung), 0 if it was not ours. Rings the waiting processes when needed. A Lock held
  * INCONSISTENT is not given this way: see break_(). (Every release: fast-call.) */
 static PyObject *
 Shared_give(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
@@ -452,7 +456,7 @@ Shared_give(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
     if (must_ring) {
         ring((int)fd);
     }
-    return PyBool_FromLong(ours);
+    return PyLong_FromLong(ours ? (must_ring ? RANG : GIVEN) : 0);
 }
 
 /* break_(i, tag, ring_fd) -> True: unit i, held INCONSISTENT by tag, becomes BROKEN
@@ -1037,6 +1041,8 @@ robust_exec(PyObject *module)
         PyModule_AddIntConstant(module, "MAX_UNITS", MAX_UNITS) < 0 ||
         PyModule_AddIntConstant(module, "NONE_FREE", NONE_FREE) < 0 ||
         PyModule_AddIntConstant(module, "IS_BROKEN", IS_BROKEN) < 0 ||
+        PyModule_AddIntConstant(module, "GIVEN", GIVEN) < 0 ||
+        PyModule_AddIntConstant(module, "RANG", RANG) < 0 ||
         PyModule_AddIntConstant(module, "PID_BITS", 22) < 0 ||
         PyModule_AddIntConstant(module, "IMAGE_BITS", IMAGE_BITS) < 0) {
         return -1;
