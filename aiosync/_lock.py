@@ -139,8 +139,10 @@ class _Robust(Resource):
         self._tag = 0  # our tag, from the first use on
         self._priv = -1  # our private description (its offset: our image id)
         self._ino = -1  # our inotify fd, from the first wait on
-        self._entry = -1  # our entry in the shared line, while we have waiters
+        self._entry = -1  # our entry in the shared line (-1: none, or the line is full)
+        self._joined = False  # in the line (and its count) while we have waiters
         self._in_line = 0  # our waiters: tasks and blocked threads
+        self._seen = 0  # events drained by a loop's callback, not yet looked at
         self._held: list[int] = []  # the units we hold
 
     def _after_fork(self) -> None:
@@ -212,8 +214,16 @@ class _Robust(Resource):
         # in line, and a unit is free (or was handed to us).
         if self._closed:
             raise self._closed_error()
-        if not self._in_line and self._try_take():
-            return True
+        if not self._in_line:  # _try_take(), inlined: this is every acquire's path
+            try:
+                got = self._shared.take(self._tag or self._first_use())
+            except ValueError:  # released by a close() in another thread
+                raise self._closed_error() from None
+            if got >= 0:
+                self._held.append(got)
+                return True
+            if got == _robust.IS_BROKEN:
+                raise self._broken()
         queue = self._waitq
         acquired = False
         with queue.lock:
@@ -240,7 +250,9 @@ class _Robust(Resource):
         """A woken waiter's turn (lock held): see what the events mean, take if we can."""
         if self._closed:
             raise self._closed_error()
-        seen = _robust.drain(self._ino)
+        # The callback drained the events that woke us (later ones make the fd readable
+        # again, and the callback runs again): no read here.
+        seen, self._seen = self._seen, 0
         return self._try_take() or (seen & _DEATH != 0 and self._recover())
 
     def acquire_nowait(self) -> None:
@@ -293,7 +305,7 @@ class _Robust(Resource):
                 with queue.lock:
                     if self._closed:
                         raise self._closed_error()
-                    seen = _robust.drain(self._ino)
+                    seen, self._seen = self._seen | _robust.drain(self._ino), 0
                     if self._try_take() or (seen & _DEATH and self._recover()):
                         acquired = True
                         break
@@ -308,9 +320,29 @@ class _Robust(Resource):
         return True
 
     def _on_readable(self, slot: _waitq.LoopSlot[None, None], fd: int) -> None:
-        # The loop's callback, lock held: something happened (a ring, a close). Wake the
-        # oldest waiter of this loop; it drains the events and looks, in its own task.
-        self._waitq.ring(slot, None)
+        # The loop's callback, lock held: something happened (a ring, a close). It takes
+        # nothing: it drains the events (notifications, not resources; a death among
+        # them is kept for the waiter to look into) and wakes the oldest waiter of this
+        # loop only if that waiter would find something (a ring that handed the lock to
+        # another process, our own release's ring included, wakes nobody here).
+        if self._look():
+            self._waitq.ring(slot, None)
+
+    def _look(self) -> bool:
+        """Drain our events; whether a waiter of ours would find something (lock held)."""
+        self._seen |= _robust.drain(self._ino)
+        return self._seen & _DEATH != 0 or self._shared.wants(self._tag)
+
+    def _ring_here(self, *, look: bool) -> None:
+        """Wake the next waiter of each loop and every blocked thread of ours if they
+        would find something (lock held): after a waiter woken for something gave up
+        without looking (cancelled), or (`look`) after our own release rang."""
+        found = self._look() if look else self._seen & _DEATH or self._shared.wants(self._tag)
+        if found and self._in_line:
+            queue = self._waitq
+            for slot in queue.slots():
+                queue.ring(slot, None)
+            queue.wake_blockers()
 
     # -- the line (lock held) ----------------------------------------------------------
 
@@ -327,6 +359,7 @@ class _Robust(Resource):
                 self._ino = _fd.watch(self._memfd)
                 self._waitq.watch(self._ino)
             self._entry = self._shared.join(me)
+            self._joined = True
             # Deaths from now on are events; one before now, we look for ourselves.
             return new_watch and self._recover()
         except BaseException:
@@ -338,10 +371,14 @@ class _Robust(Resource):
         if self._closed:
             return
         if self._in_line == 0:
-            entry, self._entry = self._entry, -1
-            self._shared.leave(entry, self._tag, self._priv)
-        elif acquired and self._entry >= 0:
-            self._shared.renew(self._entry, self._tag)  # others of ours wait: to the back
+            if self._joined:
+                entry, self._entry, self._joined = self._entry, -1, False
+                self._shared.leave(entry, self._tag, self._priv, True)
+        elif acquired:
+            if self._entry >= 0:
+                self._shared.renew(self._entry, self._tag)  # others of ours wait: to the back
+        else:
+            self._ring_here(look=False)
 
     # -- deaths (lock held) -------------------------------------------------------------
 
@@ -416,7 +453,14 @@ class _Robust(Resource):
             error, message = self._not_held
             raise error(message) from None
         try:
-            if self._shared.give(unit, self._tag, self._priv):
+            given = self._shared.give(unit, self._tag, self._priv)
+            if given == _robust.RANG and self._ino >= 0:
+                # Our own ring reached our inotify fd too: read it now, rather than have
+                # our loop wake up for it (it handed the lock to someone else).
+                with self._waitq.lock:
+                    if not self._closed:
+                        self._ring_here(look=True)
+            if given:
                 return
             if self._robust_lock and self._shared.break_(unit, self._tag, self._priv):
                 return  # released inconsistent: unrecoverable from now on
@@ -525,9 +569,9 @@ class _Robust(Resource):
                 return
             self._closed = True
             _live.discard(self)
-            if self._entry >= 0:
-                entry, self._entry = self._entry, -1
-                self._shared.leave(entry, self._tag, self._priv)
+            if self._joined:
+                entry, self._entry, self._joined = self._entry, -1, False
+                self._shared.leave(entry, self._tag, self._priv, True)
             self._shared._release()
             fds = [self._ino, self._priv, self._memfd]
             self._ino = self._priv = self._memfd = -1

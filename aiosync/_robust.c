@@ -16,7 +16,10 @@
  *     +24    tickets    last waiting-line ticket handed out (fetch-add)
  *     +32    dead_pid   Lock: the pid whose death left the lock inconsistent
  *     +40    next       Semaphore: where the next search for a free unit starts (a hint)
- *     +48..63           unused
+ *     +48    inline     how many processes may be in the line: never below the truth (a
+ *                       joiner counts itself before it takes an entry, a leaver after it
+ *                       left; a dead one's count stays), so 0 means nobody is
+ *     +56               unused
  *     +64    hints[64]  (pid << 32 | fd): where process pid keeps its private description
  *     +576   line[64]   {tag, ticket}: processes with waiters, oldest ticket first served
  *     +1600  unit[n]    one word per unit (below)
@@ -75,6 +78,10 @@ typedef _Atomic uint64_t atomic_u64;
 #define INCONSISTENT (UINT64_C(1) << 62)
 #define HANDED (UINT64_C(1) << 63)
 
+/* give() results: 0 (not ours) or */
+#define GIVEN 1
+#define RANG 2 /* given, and the waiting processes were rung */
+
 /* take() results besides a unit index */
 #define NONE_FREE (-1)
 #define IS_BROKEN (-2)
@@ -86,7 +93,8 @@ typedef struct {
     atomic_u64 tickets;
     atomic_u64 dead_pid;
     atomic_u64 next;
-    atomic_u64 unused[2];
+    atomic_u64 inline_;
+    atomic_u64 unused;
 } header_t;
 
 typedef struct {
@@ -139,6 +147,9 @@ static uint64_t
 oldest_waiter(Shared *self, uint64_t me)
 {
     uint64_t best_tag = 0, best_ticket = UINT64_MAX;
+    if (load(&self->head->inline_) == 0) {
+        return 0; /* the uncontended release: nobody waits, nothing to scan */
+    }
     for (int i = 0; i < LINE; i++) {
         uint64_t tag = load(&self->line[i].tag);
         if (tag == 0 || tag == me) {
@@ -167,6 +178,9 @@ in_line(Shared *self, uint64_t tag)
 static int
 anyone_in_line(Shared *self)
 {
+    if (load(&self->head->inline_) == 0) {
+        return 0;
+    }
     for (int i = 0; i < LINE; i++) {
         if (load(&self->line[i].tag) != 0) {
             return 1;
@@ -399,17 +413,32 @@ unit_arg(Shared *self, PyObject *args, Py_ssize_t *i, uint64_t *tag, int *fd)
     return 0;
 }
 
-/* give(i, tag, ring_fd) -> True if unit i was ours (and is now handed on or free),
- * False if it was not ours. Rings the waiting processes when needed. A Lock held
- * INCONSISTENT is not given this way: see break_(). */
+/* give(i, tag, ring_fd) -> GIVEN or RANG if unit i was ours (and is now handed on or
+ * free; RANG: and the waiting processes were rung), 0 if it was not ours. Rings the waiting processes when needed. A Lock held
+ * INCONSISTENT is not given this way: see break_(). (Every release: fast-call.) */
 static PyObject *
-Shared_give(PyObject *op, PyObject *args)
+Shared_give(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
 {
     Shared *self = (Shared *)op;
-    Py_ssize_t i;
-    uint64_t me;
-    int fd;
-    if (unit_arg(self, args, &i, &me, &fd) < 0) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "give() takes (unit, tag, ring_fd)");
+        return NULL;
+    }
+    Py_ssize_t i = PyLong_AsSsize_t(args[0]);
+    if (i == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    int bad;
+    uint64_t me = tag_arg(args[1], &bad);
+    if (bad) {
+        return NULL;
+    }
+    long fd = PyLong_AsLong(args[2]);
+    if (fd == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (i < 0 || i >= self->n) {
+        PyErr_SetString(PyExc_IndexError, "no such unit");
         return NULL;
     }
     int ours = 0, must_ring = 0, failed = 0;
@@ -425,9 +454,9 @@ Shared_give(PyObject *op, PyObject *args)
         return closed_error();
     }
     if (must_ring) {
-        ring(fd);
+        ring((int)fd);
     }
-    return PyBool_FromLong(ours);
+    return PyLong_FromLong(ours ? (must_ring ? RANG : GIVEN) : 0);
 }
 
 /* break_(i, tag, ring_fd) -> True: unit i, held INCONSISTENT by tag, becomes BROKEN
@@ -646,6 +675,7 @@ Shared_join(PyObject *op, PyObject *arg)
     int failed = 0;
     ENTER(self)
     {
+        atomic_fetch_add(&self->head->inline_, 1); /* counted before it is there */
         for (int i = 0; i < LINE && got < 0; i++) {
             if (cas(&self->line[i].tag, 0, me)) {
                 /* Ticket 0 until this store: a releaser passes over the entry meanwhile
@@ -655,6 +685,8 @@ Shared_join(PyObject *op, PyObject *arg)
                 got = i;
             }
         }
+        /* Line full: still counted (a releaser rings while we are there); leave()
+         * with entry -1 takes the count back. */
     }
     LEAVE();
     if (failed) {
@@ -698,15 +730,16 @@ Shared_renew(PyObject *op, PyObject *args)
     Py_RETURN_NONE;
 }
 
-/* leave(entry, tag, ring_fd): out of the line; a unit handed to this process meanwhile
- * is passed on (nobody here waits for it any more). */
+/* leave(entry, tag, ring_fd, counted): out of the line (and out of the count, if join()
+ * counted us); a unit handed to this process meanwhile is passed on (nobody here waits
+ * for it any more). */
 static PyObject *
 Shared_leave(PyObject *op, PyObject *args)
 {
     Shared *self = (Shared *)op;
-    int entry, fd;
+    int entry, fd, counted;
     PyObject *tag_obj;
-    if (!PyArg_ParseTuple(args, "iOi", &entry, &tag_obj, &fd)) {
+    if (!PyArg_ParseTuple(args, "iOip", &entry, &tag_obj, &fd, &counted)) {
         return NULL;
     }
     int bad;
@@ -725,6 +758,9 @@ Shared_leave(PyObject *op, PyObject *args)
             atomic_store(&self->line[entry].ticket, 0);
             atomic_store(&self->line[entry].tag, 0);
         }
+        if (counted) {
+            atomic_fetch_sub(&self->head->inline_, 1); /* uncounted after it left */
+        }
         /* Left, then look (a releaser hands, then looks: one of us sees the other). */
         for (Py_ssize_t i = 0; i < self->n; i++) {
             if (load(&self->unit[i]) == (me | HANDED)) {
@@ -740,6 +776,32 @@ Shared_leave(PyObject *op, PyObject *args)
         ring(fd);
     }
     Py_RETURN_NONE;
+}
+
+/* wants(tag) -> whether a waiter of process `tag` would find something now: a unit
+ * handed to it, a free unit, or a broken Lock (to raise). */
+static PyObject *
+Shared_wants(PyObject *op, PyObject *arg)
+{
+    Shared *self = (Shared *)op;
+    int bad;
+    uint64_t me = tag_arg(arg, &bad);
+    if (bad) {
+        return NULL;
+    }
+    int found = 0, failed = 0;
+    ENTER(self)
+    {
+        for (Py_ssize_t i = 0; i < self->n && !found; i++) {
+            uint64_t w = load(&self->unit[i]);
+            found = w == 0 || w == (me | HANDED) || (w & BROKEN);
+        }
+    }
+    LEAVE();
+    if (failed) {
+        return closed_error();
+    }
+    return PyBool_FromLong(found);
 }
 
 /* line() -> ((entry, tag), ...) of every process in the line now. */
@@ -844,7 +906,7 @@ static PyMethodDef Shared_methods[] = {
     {"image", Shared_image, METH_VARARGS, NULL},
     {"hint", Shared_hint, METH_O, NULL},
     {"take", Shared_take, METH_O, NULL},
-    {"give", Shared_give, METH_VARARGS, NULL},
+    {"give", (PyCFunction)(void (*)(void))Shared_give, METH_FASTCALL, NULL},
     {"break_", Shared_break, METH_VARARGS, NULL},
     {"take_over", Shared_take_over, METH_VARARGS, NULL},
     {"free_dead", Shared_free_dead, METH_VARARGS, NULL},
@@ -856,6 +918,7 @@ static PyMethodDef Shared_methods[] = {
     {"renew", Shared_renew, METH_VARARGS, NULL},
     {"leave", Shared_leave, METH_VARARGS, NULL},
     {"line", Shared_line, METH_NOARGS, NULL},
+    {"wants", Shared_wants, METH_O, NULL},
     {"drop", Shared_drop, METH_VARARGS, NULL},
     {"_release", Shared_release, METH_NOARGS, NULL},
     {NULL, NULL, 0, NULL},
@@ -978,6 +1041,8 @@ robust_exec(PyObject *module)
         PyModule_AddIntConstant(module, "MAX_UNITS", MAX_UNITS) < 0 ||
         PyModule_AddIntConstant(module, "NONE_FREE", NONE_FREE) < 0 ||
         PyModule_AddIntConstant(module, "IS_BROKEN", IS_BROKEN) < 0 ||
+        PyModule_AddIntConstant(module, "GIVEN", GIVEN) < 0 ||
+        PyModule_AddIntConstant(module, "RANG", RANG) < 0 ||
         PyModule_AddIntConstant(module, "PID_BITS", 22) < 0 ||
         PyModule_AddIntConstant(module, "IMAGE_BITS", IMAGE_BITS) < 0) {
         return -1;

@@ -174,27 +174,44 @@ def round_trip(make: Callable[[], Contender], kind: str, rounds: int) -> float:
     """Fork a child, run both sides on fresh loops of `kind`: microseconds per round trip."""
     contender = make()
     try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child
-            code = 0
-            try:
-                run_on(kind, _run_side(contender, False, rounds))
-            except BaseException:
-                traceback.print_exc()
-                code = 1
-            finally:
-                os._exit(code)
-        try:
-            elapsed = run_on(kind, _run_side(contender, True, rounds))
-        except BaseException:
-            os.kill(pid, signal.SIGKILL)
-            raise
-        finally:
-            _, status = os.waitpid(pid, 0)
-        if os.waitstatus_to_exitcode(status) != 0:
-            raise RuntimeError(f"benchmark child failed (status {status})")
+        elapsed = forked_pair(kind, lambda parent: _run_side(contender, parent, rounds))
     finally:
         contender.close()
     return elapsed / rounds * 1e6
+
+
+def forked_pair(kind: str, side: Callable[[bool], Coroutine[Any, Any, T]]) -> T:
+    """Fork a child and run ``side(False)`` in it, ``side(True)`` here, each on a fresh
+    loop of `kind`; what the parent's side returned.
+
+    A child that fails makes it raise; if the parent's side fails, the child is killed.
+    """
+    pid = fork_child(lambda: run_on(kind, side(False)))
+    try:
+        result = run_on(kind, side(True))
+    except BaseException:
+        os.kill(pid, signal.SIGKILL)
+        raise
+    finally:
+        _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"benchmark child failed (status {status})")
+    return result
+
+
+def fork_child(body: Callable[[], object]) -> int:
+    """Fork a child that runs `body` and exits: 0 if it returned, 1 if it raised (with
+    the traceback on stderr). Its pid."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 0
+        try:
+            body()
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        finally:
+            os._exit(code)
+    return pid

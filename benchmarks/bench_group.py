@@ -35,11 +35,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import signal
-import sys
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -50,6 +49,7 @@ from ._common import (
     Step,
     alternate,
     cpu_label,
+    fork_child,
     pin,
     raw_place_and_sync,
     run_on,
@@ -215,6 +215,14 @@ async def _child(me: int, them: int, rounds: int, parent: int) -> None:
         os.close(watch)
 
 
+def _child_life(
+    contender: Contender, index: int, kind: str, me: int, them: int, rounds: int, parent: int
+) -> None:
+    """Child `index`, from the fork to its exit."""
+    contender.in_child(index)
+    run_on(kind, _child(me, them, rounds, parent))
+
+
 async def _parent(contender: Contender, pids: Sequence[int], rounds: int) -> float:
     """Warm up, then time `rounds` rounds; seconds elapsed.
 
@@ -265,20 +273,9 @@ def run_group(make: Callable[[], Contender], n: int, kind: str, rounds: int) -> 
     pids: list[int] = []
     try:
         wires = contender.wires(n)
-        sys.stdout.flush()
-        sys.stderr.flush()
         for i, (parent_fd, child_fd) in enumerate(wires):
-            pid = os.fork()
-            if pid == 0:  # pragma: no cover - the child
-                code = 0
-                try:
-                    contender.in_child(i)
-                    run_on(kind, _child(child_fd, parent_fd, rounds, parent))
-                except BaseException:
-                    traceback.print_exc()
-                    code = 1
-                finally:
-                    os._exit(code)
+            life = (contender, i, kind, child_fd, parent_fd, rounds, parent)
+            pid = fork_child(functools.partial(_child_life, *life))
             pids.append(pid)
             contender.attach(i, pid)
         try:

@@ -25,7 +25,7 @@ END = "<!-- results:end -->"
 # A generated block: its begin marker (naming a primitive, or none for all of them),
 # whatever is there now, and the end marker.
 BLOCK = re.compile(r"<!-- results:begin(?: (?P<only>\w+))? -->.*?<!-- results:end -->", re.S)
-ORDER = ("Barrier", "BarrierGroup", "Completion", "SeqRecord")
+ORDER = ("Barrier", "BarrierGroup", "Completion", "SeqRecord", "Lock", "Semaphore")
 
 
 def _number(value: float) -> str:

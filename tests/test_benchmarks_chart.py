@@ -29,7 +29,7 @@ needs_matplotlib = pytest.mark.skipif(
 )
 
 PAGE = f"# Performance\n\n{report.BEGIN}\n{report.END}\n\nthe end\n"
-# Pixels of a chart of three rows (Completion, Semaphore, Timer) of two panels each.
+# Pixels of a chart of three rows (Completion, Condition, Timer) of two panels each.
 CHART_OF_THREE = (1500, round((3.3 * 3 + 0.8) * 100))
 
 
@@ -57,7 +57,7 @@ def record_a_run() -> list[Figure]:
             [Check("aiosync / floor", aiosync / 10.0, 1.25)],
         )
     _results.record(
-        "Semaphore",  # in no list of the report or the chart
+        "Condition",  # in no list of the report or the chart
         "acquire() round trip",
         "pinned, uvloop",
         "µs",
@@ -77,12 +77,12 @@ def record_a_run() -> list[Figure]:
 def test_a_run_is_published(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     results, page, png = tmp_path / "results.json", tmp_path / "perf.md", tmp_path / "c.png"
     page.write_text(PAGE)
-    busy = {"Semaphore": {"others": 0.5, "steal": 0.25}, "Timer": {"others": 1.5, "steal": 0.0}}
+    busy = {"Condition": {"others": 0.5, "steal": 0.25}, "Timer": {"others": 1.5, "steal": 0.0}}
     publish(record_a_run(), quick=True, results=results, pages=[page], png=png, busy=busy)
 
     data = json.loads(results.read_text())
-    assert set(data["runs"]) == {"Completion", "Semaphore", "Timer"}
-    about = data["runs"]["Semaphore"]
+    assert set(data["runs"]) == {"Completion", "Condition", "Timer"}
+    about = data["runs"]["Condition"]
     assert about["quick"] is True
     assert about["cpus"] >= 1
     assert about["python"] == sys.version.split()[0]
@@ -92,13 +92,13 @@ def test_a_run_is_published(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert len(rows) == 4
     assert [c["met"] for c in rows["Completion", "pinned, asyncio"]["checks"]] == [True]
     assert [c["met"] for c in rows["Completion", "unpinned, uvloop"]["checks"]] == [False]
-    assert [c["met"] for c in rows["Semaphore", "pinned, uvloop"]["checks"]] == [True, True]
+    assert [c["met"] for c in rows["Condition", "pinned, uvloop"]["checks"]] == [True, True]
     assert rows["Timer", "unpinned"]["checks"] == []
 
     text = page.read_text()
     assert text.startswith("# Performance\n\n")
     assert text.endswith(f"{report.END}\n\nthe end\n")
-    assert "### Semaphore: acquire() round trip" in text
+    assert "### Condition: acquire() round trip" in text
     assert "| configuration | floor | aiosync | peer | ratio (target) |" in text
     assert "| pinned, uvloop | 3 | 3.3 | 30.0 | aiosync / floor 1.10 (<= 1.25: met); " in text
     assert "| unpinned, uvloop | 10.0 | 14.0 | aiosync / floor 1.40 (<= 1.25: MISSED) |" in text
@@ -126,12 +126,12 @@ def test_a_partial_run_redraws_from_the_merged_results(tmp_path: Path) -> None:
     data = json.loads(results.read_text())
     assert "busy" not in data["runs"]["Timer"]  # not given this time
     assert data["runs"]["Timer"]["quick"] is True
-    assert data["runs"]["Semaphore"]["quick"] is False
-    assert {f["primitive"] for f in data["figures"]} == {"Completion", "Semaphore", "Timer"}
+    assert data["runs"]["Condition"]["quick"] is False
+    assert {f["primitive"] for f in data["figures"]} == {"Completion", "Condition", "Timer"}
     text = page.read_text()
     assert "| unpinned | 90.0 |  |" in text
     assert "| unpinned | 80.0 |" not in text
-    assert "### Semaphore" in text
+    assert "### Condition" in text
     assert png_size(png) == CHART_OF_THREE  # still every primitive's row
     assert png.read_bytes() != first
 

@@ -115,7 +115,7 @@ def test_the_published_results_make_a_report() -> None:
     """The committed results.json is well formed and covers every primitive."""
     data = _results.load()
     primitives = {f.primitive for f in _results.figures(data)}
-    assert primitives == {"Barrier", "BarrierGroup", "Completion", "SeqRecord"}
+    assert primitives == {"Barrier", "BarrierGroup", "Completion", "SeqRecord", "Lock", "Semaphore"}
     assert set(data["runs"]) == primitives
     assert "### Completion" in report.tables(data)
 

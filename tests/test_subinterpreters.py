@@ -46,6 +46,22 @@ async def main() -> None:
     with Barrier() as barrier:
         barrier.set_role(Role.PARENT)
         assert barrier.place()
+    lock, sem = aiosync.Lock(), aiosync.Semaphore(2)
+    try:
+        async with lock:
+            assert lock.owner_pid == os.getpid()
+            waiter = asyncio.ensure_future(lock.acquire())  # waits: inotify, the line
+            await asyncio.sleep(0)
+            assert not waiter.done()
+        await asyncio.wait_for(waiter, 10)
+        lock.release()
+        async with sem:
+            sem.acquire_nowait()
+            assert sem.value == 0
+            sem.release()
+    finally:
+        lock.close()
+        sem.close()
 
 asyncio.run(main())
 
