@@ -13,8 +13,10 @@ import os
 import random
 import signal
 import struct
+import time
 from collections.abc import Callable, Coroutine
 from contextlib import closing
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -95,6 +97,35 @@ def take_over_from_a_killed_holder(lock: Lock, children: Children) -> int:
     assert lock.acquire_blocking(timeout=SOON)
     assert inconsistent(lock)
     return dead
+
+
+def blocking_waiter(obj: Primitive, parked: Completion) -> Callable[[], str]:
+    """`waiter` without a loop: acquire_blocking(), reported the same way (then released,
+    repaired first)."""
+
+    def wait() -> str:
+        parked.complete()
+        try:
+            assert obj.acquire_blocking(timeout=SOON)
+        except BrokenResourceError as exc:
+            return f"broken: {exc}"
+        flag = isinstance(obj, Lock) and inconsistent(obj)
+        mine = owner(obj) == os.getpid() if isinstance(obj, Lock) else True
+        if isinstance(obj, Lock):
+            obj.mark_consistent()
+        obj.release()
+        return f"inconsistent={flag} mine={mine}"
+
+    return wait
+
+
+def in_poll(pid: int) -> None:
+    """Wait (bounded) until process `pid` sleeps in poll(): a blocking acquire that
+    found nothing to take. The kernel says where it sleeps, in /proc/PID/wchan."""
+    deadline = time.monotonic() + SOON
+    while "poll" not in Path(f"/proc/{pid}/wchan").read_text():
+        assert time.monotonic() < deadline, f"process {pid} never blocked in poll"
+        time.sleep(0.001)
 
 
 def stop(pid: int) -> None:
@@ -285,6 +316,37 @@ def test_every_waiter_pending_when_it_breaks_raises(kind: str) -> None:
             report = children.collect(pid)
             assert report.startswith("broken: "), report
             assert str(dead) in report, report
+
+
+@pytest.mark.parametrize("then", ["holder killed", "broken", "released"])
+def test_a_blocking_waiter_in_another_process(then: str) -> None:
+    """A process blocked in acquire_blocking() (asleep in poll) is woken by each way
+    the lock can change: taken over from a killed holder, broken, released."""
+    with closing(Lock()) as lock, Completion() as parked, Children() as children:
+        dead = None
+        if then == "holder killed":
+            with Completion() as held:
+                dead = children.fork(holder(lock, held))
+                assert held.wait_blocking(timeout=SOON)
+        elif then == "broken":
+            dead = take_over_from_a_killed_holder(lock, children)
+        else:
+            lock.acquire_nowait()
+        pid = children.fork(blocking_waiter(lock, parked))
+        assert parked.wait_blocking(timeout=SOON)
+        in_poll(pid)
+        if then == "holder killed":
+            assert dead is not None
+            children.kill(dead)
+            assert children.collect(pid) == "inconsistent=True mine=True"
+        elif then == "broken":
+            lock.release()
+            report = children.collect(pid)
+            assert report.startswith("broken: "), report
+            assert str(dead) in report, report
+        else:
+            lock.release()
+            assert children.collect(pid) == "inconsistent=False mine=True"
 
 
 # ---------------------------------------------------------------------------------------
