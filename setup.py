@@ -8,6 +8,11 @@ setup(
             "aiosync._seqc",
             sources=["aiosync/_seqc.c"],
             extra_compile_args=["-Wall", "-Wextra"],
-        )
+        ),
+        Extension(
+            "aiosync._waitc",
+            sources=["aiosync/_waitc.c"],
+            extra_compile_args=["-Wall", "-Wextra"],
+        ),
     ]
 )

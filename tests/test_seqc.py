@@ -69,12 +69,13 @@ def set_word(buf: mmap.mmap, offset: int, value: int) -> None:
 # ---------------------------------------------------------------------------------------
 
 
-def test_extension_compiles_without_warnings(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["_seqc", "_waitc"])
+def test_extension_compiles_without_warnings(tmp_path: Path, name: str) -> None:
     include = sysconfig.get_paths()["include"]
     flags = ["-std=c11", "-Wall", "-Wextra", "-Wpedantic", "-Werror", "-O2", "-fPIC"]
-    source = ROOT / "aiosync" / "_seqc.c"
+    source = ROOT / "aiosync" / f"{name}.c"
     result = subprocess.run(
-        ["gcc", *flags, f"-I{include}", "-c", str(source), "-o", str(tmp_path / "seqc.o")],
+        ["gcc", *flags, f"-I{include}", "-c", str(source), "-o", str(tmp_path / f"{name}.o")],
         capture_output=True,
         text=True,
         check=False,

@@ -1,0 +1,1921 @@
+/*
+ * aiosync._waitc: the per-event and per-wait half of the wait core, in C.
+ *
+ * aiosync/_waitq.py keeps the rules that are not per event (loops coming and going,
+ * registrations, closing, fork, the blocking twins, waiting in line for a turn); this
+ * file holds what runs on every event and every wait, so that a round trip makes no
+ * Python call it can do without:
+ *
+ *   Waiter     one task waiting: its future, its condition, its loop's slot, its state
+ *              (PENDING -> RELEASED or ABANDONED), and the transitions (release, fail,
+ *              _abandon): the only code that changes a waiter's state or the counts.
+ *   LoopSlot   the waiters and registrations of one event loop.
+ *   Core       the base of _waitq.WaitQueue: the lock, the counts, the slots, and the
+ *              releasing side (park, first, pending, ring).
+ *   dispatch   what loop.add_reader calls, one registration per (loop, fd): checks that
+ *              the primitive is alive and someone of that loop waits, then hands the
+ *              event to the primitive's _on_readable, with the lock held.
+ *   BarrierCore the base of Barrier: its counter and abort flags, systemd's read loop
+ *              (_pump), what a waiter's condition says now (_verdict) and the release
+ *              of every waiter whose condition holds (_wake).
+ *
+ * The rules themselves are the ones docs/design.md states (§3-§5, §10); each is written
+ * here once, and the Python modules call these for it.
+ *
+ * Locking. Every field of these objects changes only with the queue's lock held (a
+ * threading.RLock, the same object the Python code takes), and the Python code reads
+ * them under that lock, except the counts `waiting` and `turns` (plain machine words,
+ * read for a fast path that re-checks under the lock). dispatch takes the lock itself.
+ * Nothing here is a mutable static: types and interned names live in the module state,
+ * so each interpreter has its own (per-interpreter GIL supported). Free-threaded
+ * builds: the lock above is what serializes every writer, as in the Python code this
+ * replaces, so the module does not need the GIL.
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <poll.h>
+#include <stdint.h>
+#include <string.h>
+#include <unistd.h>
+
+#if PY_VERSION_HEX < 0x030C0000
+/* Before 3.12 the member types and flags have no Py_ prefix (structmember.h). */
+#include <structmember.h>
+#define Py_T_OBJECT_EX T_OBJECT_EX
+#define Py_T_PYSSIZET T_PYSSIZET
+#define Py_T_BOOL T_BOOL
+#define Py_T_INT T_INT
+#define Py_T_LONGLONG T_LONGLONG
+#define Py_READONLY READONLY
+#endif
+
+#define PENDING 0
+#define RELEASED 1
+#define ABANDONED 2
+
+#define ABORTION INT64_MAX /* what Barrier.abort() writes */
+
+#define FUNC(f) ((void *)(uintptr_t)(f))          /* a slot's function */
+#define FASTCALL(f) ((PyCFunction)(void (*)(void))(f)) /* a METH_FASTCALL method */
+
+typedef struct {
+    PyTypeObject *waiter_type;
+    PyTypeObject *slot_type;
+    PyTypeObject *core_type;
+    PyTypeObject *barrier_type;
+    PyObject *get_running_loop; /* asyncio.get_running_loop */
+    PyObject *deque;            /* collections.deque */
+    PyObject *set_result_soon;  /* this module's _set_result, for another thread's loop */
+    PyObject *set_exception_soon;
+    /* interned method names */
+    PyObject *s_acquire;
+    PyObject *s_release;
+    PyObject *s_append;
+    PyObject *s_appendleft;
+    PyObject *s_popleft;
+    PyObject *s_done;
+    PyObject *s_set_result;
+    PyObject *s_set_exception;
+    PyObject *s_create_future;
+    PyObject *s_call_soon_threadsafe;
+    PyObject *s_remove_reader;
+    PyObject *s_on_readable;
+    PyObject *s_new_slot;
+    PyObject *s_register;
+    PyObject *s_unregister;
+    PyObject *s_reregister;
+    PyObject *s_wake_blockers;
+} waitc_state;
+
+static struct PyModuleDef waitc_module;
+
+static inline waitc_state *
+get_state(PyObject *module)
+{
+    return (waitc_state *)PyModule_GetState(module);
+}
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *future;
+    PyObject *cond;
+    PyObject *slot; /* a LoopSlot */
+    int state;
+} Waiter;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *queue; /* a Core */
+    PyObject *loop;
+    PyObject *waiters; /* collections.deque of Waiter, oldest first */
+    PyObject *woken;   /* the Waiter woken for its turn that has not run yet, or None */
+    unsigned long thread;
+    Py_ssize_t live; /* waiters in state PENDING */
+    char registered;
+    char stale;
+    char stale_events;
+} LoopSlot;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *lock;
+    PyObject *owner; /* weakref.ref to the primitive */
+    PyObject *slots; /* dict: loop -> LoopSlot */
+    PyObject *fds;   /* tuple of int */
+    PyObject *closed_error;
+    PyObject *blockers; /* dict: thread -> wake eventfd of its blocking wait */
+    Py_ssize_t waiting;
+    Py_ssize_t turns;
+    char closed;
+} Core;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *waitq; /* a Core */
+    long long barriers;
+    int me;
+    int them;
+    int pipe_r;
+    int pipe_w;
+    char i_aborted;
+    char they_aborted;
+    char peer_exited;
+} BarrierCore;
+
+/* The module state from an object of one of this module's types (or a subclass). */
+static inline waitc_state *
+state_of(PyObject *self)
+{
+    PyObject *module = PyType_GetModuleByDef(Py_TYPE(self), &waitc_module);
+    return module == NULL ? NULL : get_state(module);
+}
+
+/* ---------------------------------------------------------------------------------
+ * Small helpers
+ * --------------------------------------------------------------------------------- */
+
+static PyObject *
+call_method0(PyObject *self, PyObject *name)
+{
+    PyObject *args[] = {self};
+    return PyObject_VectorcallMethod(name, args, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+}
+
+static PyObject *
+call_method1(PyObject *self, PyObject *name, PyObject *arg)
+{
+    PyObject *args[] = {self, arg};
+    return PyObject_VectorcallMethod(name, args, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+}
+
+static PyObject *
+call_method2(PyObject *self, PyObject *name, PyObject *a, PyObject *b)
+{
+    PyObject *args[] = {self, a, b};
+    return PyObject_VectorcallMethod(name, args, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+}
+
+/* Call a method for its effect only: 0, or -1 with an exception set. */
+static int
+do_method0(PyObject *self, PyObject *name)
+{
+    PyObject *r = call_method0(self, name);
+    Py_XDECREF(r);
+    return r == NULL ? -1 : 0;
+}
+
+static int
+do_method1(PyObject *self, PyObject *name, PyObject *arg)
+{
+    PyObject *r = call_method1(self, name, arg);
+    Py_XDECREF(r);
+    return r == NULL ? -1 : 0;
+}
+
+/* future.done(): 1, 0, or -1 with an exception set. */
+static int
+future_done(waitc_state *st, PyObject *future)
+{
+    PyObject *r = call_method0(future, st->s_done);
+    if (r == NULL) {
+        return -1;
+    }
+    int done = PyObject_IsTrue(r);
+    Py_DECREF(r);
+    return done;
+}
+
+/* A weak reference's referent as a new reference, or NULL (dead) without an error. */
+static PyObject *
+deref(PyObject *ref)
+{
+#if PY_VERSION_HEX >= 0x030D0000
+    PyObject *obj = NULL;
+    if (PyWeakref_GetRef(ref, &obj) < 0) {
+        PyErr_Clear();
+        return NULL;
+    }
+    return obj;
+#else
+    PyObject *obj = PyWeakref_GetObject(ref);
+    if (obj == NULL) {
+        PyErr_Clear();
+        return NULL;
+    }
+    if (obj == Py_None) {
+        return NULL;
+    }
+    return Py_NewRef(obj);
+#endif
+}
+
+/* An fd number from Python: 0 or more, or -1 with an error set. */
+static int
+as_fd(PyObject *obj)
+{
+    long fd = PyLong_AsLong(obj);
+    if (fd == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (fd < 0 || fd > INT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "not a file descriptor");
+        return -1;
+    }
+    return (int)fd;
+}
+
+static void
+raise_closed(const char *message)
+{
+    PyObject *module = PyImport_ImportModule("aiosync._errors");
+    if (module == NULL) {
+        return;
+    }
+    PyObject *cls = PyObject_GetAttrString(module, "ClosedResourceError");
+    Py_DECREF(module);
+    if (cls != NULL) {
+        PyErr_SetString(cls, message);
+        Py_DECREF(cls);
+    }
+}
+
+/* ---------------------------------------------------------------------------------
+ * Waiter: its transitions (lock held)
+ * --------------------------------------------------------------------------------- */
+
+static inline LoopSlot *
+slot_of(Waiter *w)
+{
+    return (LoopSlot *)w->slot;
+}
+
+static inline Core *
+queue_of_slot(LoopSlot *slot)
+{
+    return (Core *)slot->queue;
+}
+
+/* Leave PENDING for RELEASED: the counts follow. */
+static void
+mark_released(Waiter *w)
+{
+    LoopSlot *slot = slot_of(w);
+    w->state = RELEASED;
+    slot->live -= 1;
+    queue_of_slot(slot)->waiting -= 1;
+}
+
+/* The future's set_result / set_exception failed with RuntimeError: its loop is closed,
+ * nobody will ever take it. Any other error propagates. */
+static int
+closed_loop_or_error(Waiter *w)
+{
+    if (PyErr_ExceptionMatches(PyExc_RuntimeError)) {
+        PyErr_Clear();
+        w->state = ABANDONED;
+        return 0;
+    }
+    return -1;
+}
+
+/* Hand `value` to a pending waiter, as a result or (exception) an exception, from any
+ * thread. A future of another thread's loop is set in that loop's thread, unless it is
+ * done by then. */
+static int
+resolve(waitc_state *st, Waiter *w, PyObject *value, int exception)
+{
+    LoopSlot *slot = slot_of(w);
+    mark_released(w);
+    PyObject *future = Py_NewRef(w->future);
+    PyObject *r;
+    if (slot->thread == PyThread_get_thread_ident()) {
+        int done = exception ? future_done(st, future) : 0;
+        if (done < 0) {
+            Py_DECREF(future);
+            return -1;
+        }
+        if (done) {
+            Py_DECREF(future);
+            return 0;
+        }
+        r = call_method1(future, exception ? st->s_set_exception : st->s_set_result, value);
+    }
+    else {
+        PyObject *loop = Py_NewRef(slot->loop);
+        PyObject *args[] = {loop, exception ? st->set_exception_soon : st->set_result_soon,
+                            future, value};
+        r = PyObject_VectorcallMethod(st->s_call_soon_threadsafe, args,
+                                      4 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+        Py_DECREF(loop);
+    }
+    Py_DECREF(future);
+    if (r == NULL) {
+        return closed_loop_or_error(w);
+    }
+    Py_DECREF(r);
+    return 0;
+}
+
+static int
+release(waitc_state *st, Waiter *w, PyObject *result)
+{
+    return resolve(st, w, result, 0);
+}
+
+/* Its task stopped waiting. */
+static void
+abandon(Waiter *w)
+{
+    LoopSlot *slot = slot_of(w);
+    Core *queue = queue_of_slot(slot);
+    if (w->state == PENDING) {
+        w->state = ABANDONED;
+        slot->live -= 1;
+        queue->waiting -= 1;
+    }
+    if (slot->woken == (PyObject *)w) { /* woken for a turn it will not take: took nothing */
+        PyObject *old = slot->woken;
+        slot->woken = Py_NewRef(Py_None);
+        queue->turns -= 1;
+        Py_DECREF(old);
+    }
+}
+
+/* Pending, and its future not done: 1, 0, -1 with an exception. */
+static int
+alive(waitc_state *st, Waiter *w)
+{
+    if (w->state != PENDING) {
+        return 0;
+    }
+    int done = future_done(st, w->future);
+    return done < 0 ? -1 : !done;
+}
+
+/* A waiter whose future is done but which was never released was cancelled, and its
+ * task has not resumed yet: it must not be handed anything. */
+static int
+settle(waitc_state *st, Waiter *w)
+{
+    if (w->state != PENDING) {
+        return 0;
+    }
+    int done = future_done(st, w->future);
+    if (done < 0) {
+        return -1;
+    }
+    if (done) {
+        abandon(w);
+    }
+    return 0;
+}
+
+static int
+Waiter_traverse(PyObject *op, visitproc visit, void *arg)
+{
+    Waiter *self = (Waiter *)op;
+    Py_VISIT(Py_TYPE(op));
+    Py_VISIT(self->future);
+    Py_VISIT(self->cond);
+    Py_VISIT(self->slot);
+    return 0;
+}
+
+static int
+Waiter_clear(PyObject *op)
+{
+    Waiter *self = (Waiter *)op;
+    Py_CLEAR(self->future);
+    Py_CLEAR(self->cond);
+    Py_CLEAR(self->slot);
+    return 0;
+}
+
+static void
+Waiter_dealloc(PyObject *op)
+{
+    PyTypeObject *tp = Py_TYPE(op);
+    PyObject_GC_UnTrack(op);
+    (void)Waiter_clear(op);
+    tp->tp_free(op);
+    Py_DECREF(tp);
+}
+
+static Waiter *
+new_waiter(waitc_state *st, PyObject *future, PyObject *cond, PyObject *slot)
+{
+    Waiter *w = PyObject_GC_New(Waiter, st->waiter_type);
+    if (w == NULL) {
+        return NULL;
+    }
+    w->future = Py_NewRef(future);
+    w->cond = Py_NewRef(cond);
+    w->slot = Py_NewRef(slot);
+    w->state = PENDING;
+    PyObject_GC_Track(w);
+    return w;
+}
+
+static PyObject *
+Waiter_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"future", "cond", "slot", NULL};
+    PyObject *future, *cond, *slot;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO:Waiter", kwlist, &future, &cond, &slot)) {
+        return NULL;
+    }
+    PyObject *module = PyType_GetModuleByDef(type, &waitc_module);
+    if (module == NULL) {
+        return NULL;
+    }
+    waitc_state *st = get_state(module);
+    if (!Py_IS_TYPE(slot, st->slot_type)) {
+        PyErr_SetString(PyExc_TypeError, "Waiter(future, cond, slot): slot must be a LoopSlot");
+        return NULL;
+    }
+    return (PyObject *)new_waiter(st, future, cond, slot);
+}
+
+static PyObject *
+Waiter_release(PyObject *op, PyObject *result)
+{
+    waitc_state *st = state_of(op);
+    if (st == NULL || release(st, (Waiter *)op, result) < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Waiter_fail(PyObject *op, PyObject *exc)
+{
+    waitc_state *st = state_of(op);
+    if (st == NULL || resolve(st, (Waiter *)op, exc, 1) < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Waiter_abandon(PyObject *op, PyObject *Py_UNUSED(ignored))
+{
+    abandon((Waiter *)op);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+get_object(PyObject *const *field)
+{
+    return Py_NewRef(*field);
+}
+
+static int
+set_object(PyObject **field, PyObject *value, const char *name)
+{
+    if (value == NULL) {
+        PyErr_Format(PyExc_AttributeError, "cannot delete %s", name);
+        return -1;
+    }
+    Py_SETREF(*field, Py_NewRef(value));
+    return 0;
+}
+
+static PyObject *
+Waiter_get_future(PyObject *op, void *Py_UNUSED(closure))
+{
+    return get_object(&((Waiter *)op)->future);
+}
+
+static int
+Waiter_set_future(PyObject *op, PyObject *value, void *Py_UNUSED(closure))
+{
+    return set_object(&((Waiter *)op)->future, value, "future");
+}
+
+static PyObject *
+Waiter_get_state(PyObject *op, void *Py_UNUSED(closure))
+{
+    return PyLong_FromLong(((Waiter *)op)->state);
+}
+
+static int
+Waiter_set_state(PyObject *op, PyObject *value, void *Py_UNUSED(closure))
+{
+    if (value == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "cannot delete state");
+        return -1;
+    }
+    long state = PyLong_AsLong(value);
+    if (state == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (state < PENDING || state > ABANDONED) {
+        PyErr_SetString(PyExc_ValueError, "state must be PENDING, RELEASED or ABANDONED");
+        return -1;
+    }
+    ((Waiter *)op)->state = (int)state;
+    return 0;
+}
+
+static PyMethodDef Waiter_methods[] = {
+    {"release", Waiter_release, METH_O,
+     "release(result) -> None\n--\n\n"
+     "Hand `result` to this pending waiter (from any thread; lock held)."},
+    {"fail", Waiter_fail, METH_O,
+     "fail(exc) -> None\n--\n\n"
+     "Raise `exc` in this pending waiter (from any thread; lock held)."},
+    {"_abandon", Waiter_abandon, METH_NOARGS,
+     "_abandon() -> None\n--\n\nIts task stopped waiting (lock held)."},
+    {"__class_getitem__", Py_GenericAlias, METH_O | METH_CLASS, "See PEP 585."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef Waiter_members[] = {
+    {"cond", Py_T_OBJECT_EX, offsetof(Waiter, cond), Py_READONLY, "What it waits for."},
+    {"slot", Py_T_OBJECT_EX, offsetof(Waiter, slot), Py_READONLY, "Its loop's LoopSlot."},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyGetSetDef Waiter_getset[] = {
+    {"future", Waiter_get_future, Waiter_set_future, "What its task awaits.", NULL},
+    {"state", Waiter_get_state, Waiter_set_state, "PENDING, RELEASED or ABANDONED.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyType_Slot Waiter_slots[] = {
+    {Py_tp_doc, (void *)PyDoc_STR("Waiter(future, cond, slot)\n--\n\n"
+                                  "One task waiting on a WaitQueue for `cond`.")},
+    {Py_tp_new, FUNC(Waiter_new)},
+    {Py_tp_dealloc, FUNC(Waiter_dealloc)},
+    {Py_tp_traverse, FUNC(Waiter_traverse)},
+    {Py_tp_clear, FUNC(Waiter_clear)},
+    {Py_tp_methods, Waiter_methods},
+    {Py_tp_members, Waiter_members},
+    {Py_tp_getset, Waiter_getset},
+    {0, NULL},
+};
+
+static PyType_Spec Waiter_spec = {
+    .name = "aiosync._waitc.Waiter",
+    .basicsize = sizeof(Waiter),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = Waiter_slots,
+};
+
+/* ---------------------------------------------------------------------------------
+ * LoopSlot
+ * --------------------------------------------------------------------------------- */
+
+static int
+LoopSlot_traverse(PyObject *op, visitproc visit, void *arg)
+{
+    LoopSlot *self = (LoopSlot *)op;
+    Py_VISIT(Py_TYPE(op));
+    Py_VISIT(self->queue);
+    Py_VISIT(self->loop);
+    Py_VISIT(self->waiters);
+    Py_VISIT(self->woken);
+    return 0;
+}
+
+static int
+LoopSlot_clear(PyObject *op)
+{
+    LoopSlot *self = (LoopSlot *)op;
+    Py_CLEAR(self->queue);
+    Py_CLEAR(self->loop);
+    Py_CLEAR(self->waiters);
+    Py_CLEAR(self->woken);
+    return 0;
+}
+
+static void
+LoopSlot_dealloc(PyObject *op)
+{
+    PyTypeObject *tp = Py_TYPE(op);
+    PyObject_GC_UnTrack(op);
+    (void)LoopSlot_clear(op);
+    tp->tp_free(op);
+    Py_DECREF(tp);
+}
+
+static PyObject *
+LoopSlot_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"queue", "loop", "stale_events", NULL};
+    PyObject *queue, *loop;
+    int stale_events;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOp:LoopSlot", kwlist, &queue, &loop,
+                                     &stale_events)) {
+        return NULL;
+    }
+    PyObject *module = PyType_GetModuleByDef(type, &waitc_module);
+    if (module == NULL) {
+        return NULL;
+    }
+    waitc_state *st = get_state(module);
+    if (!PyObject_TypeCheck(queue, st->core_type)) {
+        PyErr_SetString(PyExc_TypeError, "LoopSlot(queue, ...): queue must be a WaitQueue");
+        return NULL;
+    }
+    PyObject *waiters = PyObject_CallNoArgs(st->deque);
+    if (waiters == NULL) {
+        return NULL;
+    }
+    LoopSlot *self = PyObject_GC_New(LoopSlot, type);
+    if (self == NULL) {
+        Py_DECREF(waiters);
+        return NULL;
+    }
+    self->queue = Py_NewRef(queue);
+    self->loop = Py_NewRef(loop);
+    self->waiters = waiters;
+    self->woken = Py_NewRef(Py_None);
+    self->thread = PyThread_get_thread_ident();
+    self->live = 0;
+    self->registered = 0;
+    self->stale = 0;
+    self->stale_events = (char)stale_events;
+    PyObject_GC_Track(self);
+    return (PyObject *)self;
+}
+
+static PyObject *
+LoopSlot_get_waiters(PyObject *op, void *Py_UNUSED(closure))
+{
+    return get_object(&((LoopSlot *)op)->waiters);
+}
+
+static int
+LoopSlot_set_waiters(PyObject *op, PyObject *value, void *Py_UNUSED(closure))
+{
+    PyObject *module = PyType_GetModuleByDef(Py_TYPE(op), &waitc_module);
+    if (module == NULL) {
+        return -1;
+    }
+    if (value != NULL && !PyObject_TypeCheck(value, (PyTypeObject *)get_state(module)->deque)) {
+        PyErr_SetString(PyExc_TypeError, "waiters must be a collections.deque");
+        return -1;
+    }
+    return set_object(&((LoopSlot *)op)->waiters, value, "waiters");
+}
+
+static PyObject *
+LoopSlot_get_woken(PyObject *op, void *Py_UNUSED(closure))
+{
+    return get_object(&((LoopSlot *)op)->woken);
+}
+
+static int
+LoopSlot_set_woken(PyObject *op, PyObject *value, void *Py_UNUSED(closure))
+{
+    PyObject *module = PyType_GetModuleByDef(Py_TYPE(op), &waitc_module);
+    if (module == NULL) {
+        return -1;
+    }
+    if (value != NULL && value != Py_None &&
+        !Py_IS_TYPE(value, get_state(module)->waiter_type)) {
+        PyErr_SetString(PyExc_TypeError, "woken must be a Waiter or None");
+        return -1;
+    }
+    return set_object(&((LoopSlot *)op)->woken, value, "woken");
+}
+
+static PyObject *
+LoopSlot_get_thread(PyObject *op, void *Py_UNUSED(closure))
+{
+    return PyLong_FromUnsignedLong(((LoopSlot *)op)->thread);
+}
+
+static PyMemberDef LoopSlot_members[] = {
+    {"queue", Py_T_OBJECT_EX, offsetof(LoopSlot, queue), Py_READONLY, "Its WaitQueue."},
+    {"loop", Py_T_OBJECT_EX, offsetof(LoopSlot, loop), Py_READONLY, "Its event loop."},
+    {"live", Py_T_PYSSIZET, offsetof(LoopSlot, live), 0, "Its waiters in state PENDING."},
+    {"registered", Py_T_BOOL, offsetof(LoopSlot, registered), 0,
+     "Its fds are registered with its loop."},
+    {"stale", Py_T_BOOL, offsetof(LoopSlot, stale), 0,
+     "A woken waiter took its turn since the last event."},
+    {"stale_events", Py_T_BOOL, offsetof(LoopSlot, stale_events), Py_READONLY,
+     "Its loop may report an event a woken waiter has since taken (the standard loop)."},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyGetSetDef LoopSlot_getset[] = {
+    {"waiters", LoopSlot_get_waiters, LoopSlot_set_waiters,
+     "Its waiters (collections.deque), oldest first.", NULL},
+    {"woken", LoopSlot_get_woken, LoopSlot_set_woken,
+     "Woken for its turn and not run yet, or None.", NULL},
+    {"thread", LoopSlot_get_thread, NULL, "The thread ident of its loop.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMethodDef LoopSlot_methods[] = {
+    {"__class_getitem__", Py_GenericAlias, METH_O | METH_CLASS, "See PEP 585."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot LoopSlot_slots[] = {
+    {Py_tp_doc, (void *)PyDoc_STR("LoopSlot(queue, loop, stale_events)\n--\n\n"
+                                  "The waiters and the registrations of one event loop.")},
+    {Py_tp_new, FUNC(LoopSlot_new)},
+    {Py_tp_dealloc, FUNC(LoopSlot_dealloc)},
+    {Py_tp_traverse, FUNC(LoopSlot_traverse)},
+    {Py_tp_clear, FUNC(LoopSlot_clear)},
+    {Py_tp_members, LoopSlot_members},
+    {Py_tp_getset, LoopSlot_getset},
+    {Py_tp_methods, LoopSlot_methods},
+    {0, NULL},
+};
+
+static PyType_Spec LoopSlot_spec = {
+    .name = "aiosync._waitc.LoopSlot",
+    .basicsize = sizeof(LoopSlot),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = LoopSlot_slots,
+};
+
+/* ---------------------------------------------------------------------------------
+ * The releasing side (lock held)
+ * --------------------------------------------------------------------------------- */
+
+/* The oldest pending waiter of `slot` (dropping dead ones before it): a new reference,
+ * or NULL: none (no error set) or an error (set). */
+static Waiter *
+first(waitc_state *st, LoopSlot *slot)
+{
+    for (;;) {
+        PyObject *waiters = slot->waiters;
+        Py_ssize_t n = PySequence_Size(waiters);
+        if (n <= 0) {
+            return NULL;
+        }
+        Waiter *w = (Waiter *)PySequence_GetItem(waiters, 0);
+        if (w == NULL) {
+            return NULL;
+        }
+        int ok = alive(st, w);
+        if (ok != 0) {
+            if (ok < 0) {
+                Py_CLEAR(w);
+            }
+            return w;
+        }
+        if (do_method0(waiters, st->s_popleft) < 0 || settle(st, w) < 0) {
+            Py_DECREF(w);
+            return NULL;
+        }
+        Py_DECREF(w);
+    }
+}
+
+/* All pending waiters of `slot`, oldest first, as a new list; dead ones are dropped. */
+static PyObject *
+pending(waitc_state *st, LoopSlot *slot)
+{
+    if (!slot->live) { /* nothing to hand out here; dead ones go with the next hand-out */
+        return PyList_New(0);
+    }
+    PyObject *waiters = Py_NewRef(slot->waiters);
+    PyObject *all = PySequence_List(waiters);
+    if (all == NULL) {
+        Py_DECREF(waiters);
+        return NULL;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(all);
+    PyObject *living = PyList_New(0);
+    if (living == NULL) {
+        goto error;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Waiter *w = (Waiter *)PyList_GET_ITEM(all, i);
+        int ok = alive(st, w);
+        if (ok < 0 || (ok && PyList_Append(living, (PyObject *)w) < 0)) {
+            goto error;
+        }
+    }
+    if (PyList_GET_SIZE(living) != n) {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            if (settle(st, (Waiter *)PyList_GET_ITEM(all, i)) < 0) {
+                goto error;
+            }
+        }
+        PyObject *fresh = PyObject_CallOneArg(st->deque, living);
+        if (fresh == NULL) {
+            goto error;
+        }
+        Py_SETREF(slot->waiters, fresh);
+    }
+    Py_DECREF(all);
+    Py_DECREF(waiters);
+    return living;
+error:
+    Py_XDECREF(living);
+    Py_DECREF(all);
+    Py_DECREF(waiters);
+    return NULL;
+}
+
+/* Wake the oldest waiter of `slot` for its turn, unless one woken has not run yet. */
+static int
+ring(waitc_state *st, LoopSlot *slot, PyObject *result)
+{
+    if (slot->woken != Py_None) {
+        return 0;
+    }
+    Waiter *w = first(st, slot);
+    if (w == NULL) {
+        return PyErr_Occurred() ? -1 : 0;
+    }
+    Core *queue = queue_of_slot(slot);
+    if (do_method0(slot->waiters, st->s_popleft) < 0) {
+        Py_DECREF(w);
+        return -1;
+    }
+    Py_SETREF(slot->woken, Py_NewRef((PyObject *)w));
+    queue->turns += 1;
+    int rc = release(st, w, result);
+    if (rc == 0 && w->state == ABANDONED && slot->woken == (PyObject *)w) { /* loop closed */
+        Py_SETREF(slot->woken, Py_NewRef(Py_None));
+        queue->turns -= 1;
+    }
+    Py_DECREF(w);
+    return rc;
+}
+
+/* ---------------------------------------------------------------------------------
+ * Core: the base of _waitq.WaitQueue
+ * --------------------------------------------------------------------------------- */
+
+static int
+Core_traverse(PyObject *op, visitproc visit, void *arg)
+{
+    Core *self = (Core *)op;
+    Py_VISIT(Py_TYPE(op));
+    Py_VISIT(self->lock);
+    Py_VISIT(self->owner);
+    Py_VISIT(self->slots);
+    Py_VISIT(self->fds);
+    Py_VISIT(self->closed_error);
+    Py_VISIT(self->blockers);
+    return 0;
+}
+
+static int
+Core_clear(PyObject *op)
+{
+    Core *self = (Core *)op;
+    Py_CLEAR(self->lock);
+    Py_CLEAR(self->owner);
+    Py_CLEAR(self->slots);
+    Py_CLEAR(self->fds);
+    Py_CLEAR(self->closed_error);
+    Py_CLEAR(self->blockers);
+    return 0;
+}
+
+static void
+Core_dealloc(PyObject *op)
+{
+    PyTypeObject *tp = Py_TYPE(op);
+    PyObject_GC_UnTrack(op);
+    (void)Core_clear(op);
+    tp->tp_free(op);
+    Py_DECREF(tp);
+}
+
+static PyObject *
+Core_new(PyTypeObject *type, PyObject *Py_UNUSED(args), PyObject *Py_UNUSED(kwds))
+{
+    Core *self = (Core *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->lock = Py_NewRef(Py_None);
+    self->owner = Py_NewRef(Py_None);
+    self->closed_error = Py_NewRef(Py_None);
+    self->fds = PyTuple_New(0);
+    self->slots = PyDict_New();
+    self->blockers = PyDict_New();
+    if (self->fds == NULL || self->slots == NULL || self->blockers == NULL) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    return (PyObject *)self;
+}
+
+/* The object fields Python may set (lock held, or before anyone waits). */
+#define CORE_FIELD(name, check, what)                                                       \
+    static PyObject *Core_get_##name(PyObject *op, void *Py_UNUSED(closure))                \
+    {                                                                                       \
+        return get_object(&((Core *)op)->name);                                             \
+    }                                                                                       \
+    static int Core_set_##name(PyObject *op, PyObject *value, void *Py_UNUSED(closure))     \
+    {                                                                                       \
+        if (value != NULL && !(check)) {                                                    \
+            PyErr_SetString(PyExc_TypeError, what);                                         \
+            return -1;                                                                      \
+        }                                                                                   \
+        return set_object(&((Core *)op)->name, value, #name);                               \
+    }
+
+CORE_FIELD(lock, 1, "")
+CORE_FIELD(owner, PyWeakref_CheckRef(value), "_owner must be a weakref.ref")
+CORE_FIELD(slots, PyDict_CheckExact(value), "_slots must be a dict")
+CORE_FIELD(fds, PyTuple_CheckExact(value), "_fds must be a tuple")
+CORE_FIELD(closed_error, PyCallable_Check(value), "_closed_error must be callable")
+CORE_FIELD(blockers, PyDict_CheckExact(value), "blockers must be a dict")
+
+static PyObject *
+Core_get_waiting(PyObject *op, void *Py_UNUSED(closure))
+{
+    return PyLong_FromSsize_t(((Core *)op)->waiting);
+}
+
+static int
+Core_set_count(Py_ssize_t *field, PyObject *value)
+{
+    if (value == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "cannot delete a count");
+        return -1;
+    }
+    Py_ssize_t n = PyLong_AsSsize_t(value);
+    if (n == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    *field = n;
+    return 0;
+}
+
+static int
+Core_set_waiting(PyObject *op, PyObject *value, void *Py_UNUSED(closure))
+{
+    return Core_set_count(&((Core *)op)->waiting, value);
+}
+
+static PyObject *
+Core_get_turns(PyObject *op, void *Py_UNUSED(closure))
+{
+    return PyLong_FromSsize_t(((Core *)op)->turns);
+}
+
+static int
+Core_set_turns(PyObject *op, PyObject *value, void *Py_UNUSED(closure))
+{
+    return Core_set_count(&((Core *)op)->turns, value);
+}
+
+static PyObject *
+Core_get_closed(PyObject *op, void *Py_UNUSED(closure))
+{
+    return PyBool_FromLong(((Core *)op)->closed);
+}
+
+static int
+Core_set_closed(PyObject *op, PyObject *value, void *Py_UNUSED(closure))
+{
+    if (value == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "cannot delete _closed");
+        return -1;
+    }
+    int closed = PyObject_IsTrue(value);
+    if (closed < 0) {
+        return -1;
+    }
+    ((Core *)op)->closed = (char)closed;
+    return 0;
+}
+
+static LoopSlot *
+check_slot(waitc_state *st, PyObject *slot)
+{
+    if (!Py_IS_TYPE(slot, st->slot_type)) {
+        PyErr_SetString(PyExc_TypeError, "expected a LoopSlot");
+        return NULL;
+    }
+    return (LoopSlot *)slot;
+}
+
+static PyObject *
+Core_park(PyObject *op, PyObject *cond)
+{
+    Core *self = (Core *)op;
+    waitc_state *st = state_of(op);
+    if (st == NULL) {
+        return NULL;
+    }
+    if (self->closed) {
+        PyObject *exc = PyObject_CallNoArgs(self->closed_error);
+        if (exc != NULL) {
+            PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+            Py_DECREF(exc);
+        }
+        return NULL;
+    }
+    PyObject *loop = PyObject_CallNoArgs(st->get_running_loop);
+    if (loop == NULL) {
+        return NULL;
+    }
+    PyObject *slot = PyDict_GetItemWithError(self->slots, loop); /* borrowed */
+    if (slot != NULL) {
+        Py_INCREF(slot);
+    }
+    else if (PyErr_Occurred()) {
+        Py_DECREF(loop);
+        return NULL;
+    }
+    else {
+        slot = call_method1(op, st->s_new_slot, loop);
+        if (slot == NULL) {
+            Py_DECREF(loop);
+            return NULL;
+        }
+        if (check_slot(st, slot) == NULL) {
+            Py_DECREF(slot);
+            Py_DECREF(loop);
+            return NULL;
+        }
+    }
+    PyObject *future = call_method0(loop, st->s_create_future);
+    Py_DECREF(loop);
+    if (future == NULL) {
+        Py_DECREF(slot);
+        return NULL;
+    }
+    Waiter *w = new_waiter(st, future, cond, slot);
+    Py_DECREF(future);
+    if (w == NULL) {
+        Py_DECREF(slot);
+        return NULL;
+    }
+    LoopSlot *s = (LoopSlot *)slot;
+    if (do_method1(s->waiters, st->s_append, (PyObject *)w) < 0) {
+        goto error;
+    }
+    s->live += 1;
+    self->waiting += 1;
+    if (!s->registered && do_method1(op, st->s_register, slot) < 0) {
+        goto error;
+    }
+    Py_DECREF(slot);
+    return (PyObject *)w;
+error:
+    Py_DECREF(slot);
+    Py_DECREF(w);
+    return NULL;
+}
+
+static PyObject *
+Core_first(PyObject *op, PyObject *arg)
+{
+    waitc_state *st = state_of(op);
+    LoopSlot *slot = st == NULL ? NULL : check_slot(st, arg);
+    if (slot == NULL) {
+        return NULL;
+    }
+    Waiter *w = first(st, slot);
+    if (w == NULL && !PyErr_Occurred()) {
+        Py_RETURN_NONE;
+    }
+    return (PyObject *)w;
+}
+
+static PyObject *
+Core_pending(PyObject *op, PyObject *arg)
+{
+    waitc_state *st = state_of(op);
+    LoopSlot *slot = st == NULL ? NULL : check_slot(st, arg);
+    return slot == NULL ? NULL : pending(st, slot);
+}
+
+static PyObject *
+Core_ring(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "ring(slot, result) takes 2 arguments");
+        return NULL;
+    }
+    waitc_state *st = state_of(op);
+    LoopSlot *slot = st == NULL ? NULL : check_slot(st, args[0]);
+    if (slot == NULL || ring(st, slot, args[1]) < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef Core_methods[] = {
+    {"park", Core_park, METH_O,
+     "park(cond) -> Waiter\n--\n\n"
+     "Queue a waiter of the running loop for `cond`. Call with ``lock`` held.\n\n"
+     "Raises the primitive's ClosedResourceError if it was closed, by any thread."},
+    {"first", Core_first, METH_O,
+     "first(slot) -> Waiter | None\n--\n\n"
+     "The oldest pending waiter of `slot` (dropping dead ones before it), or None."},
+    {"pending", Core_pending, METH_O,
+     "pending(slot) -> list[Waiter]\n--\n\n"
+     "All pending waiters of `slot`, oldest first; dead ones are dropped."},
+    {"ring", FASTCALL(Core_ring), METH_FASTCALL,
+     "ring(slot, result) -> None\n--\n\n"
+     "Wake the oldest waiter of `slot` for its turn, unless one woken has not run yet."},
+    {"__class_getitem__", Py_GenericAlias, METH_O | METH_CLASS, "See PEP 585."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Core_getset[] = {
+    {"lock", Core_get_lock, Core_set_lock, "The primitive's lock (re-entrant).", NULL},
+    {"_owner", Core_get_owner, Core_set_owner, "A weak reference to the primitive.", NULL},
+    {"_slots", Core_get_slots, Core_set_slots, "loop -> LoopSlot.", NULL},
+    {"_fds", Core_get_fds, Core_set_fds, "The fds waiters wait on.", NULL},
+    {"_closed_error", Core_get_closed_error, Core_set_closed_error,
+     "Makes the primitive's ClosedResourceError.", NULL},
+    {"blockers", Core_get_blockers, Core_set_blockers,
+     "thread -> wake eventfd of its blocking wait.", NULL},
+    {"waiting", Core_get_waiting, Core_set_waiting, "Pending waiters over all loops.", NULL},
+    {"turns", Core_get_turns, Core_set_turns,
+     "Waiters woken for their turn that have not run yet, all loops.", NULL},
+    {"_closed", Core_get_closed, Core_set_closed, "The queue was closed.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyType_Slot Core_slots[] = {
+    {Py_tp_doc, (void *)PyDoc_STR("The fields and the releasing side of a WaitQueue.")},
+    {Py_tp_new, FUNC(Core_new)},
+    {Py_tp_dealloc, FUNC(Core_dealloc)},
+    {Py_tp_traverse, FUNC(Core_traverse)},
+    {Py_tp_clear, FUNC(Core_clear)},
+    {Py_tp_methods, Core_methods},
+    {Py_tp_getset, Core_getset},
+    {0, NULL},
+};
+
+static PyType_Spec Core_spec = {
+    .name = "aiosync._waitc.Core",
+    .basicsize = sizeof(Core),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_BASETYPE |
+             Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = Core_slots,
+};
+
+/* ---------------------------------------------------------------------------------
+ * dispatch: what loop.add_reader calls
+ * --------------------------------------------------------------------------------- */
+
+/* fd is readable (or hung up) right now: 1, 0, or -1 with OSError set. */
+static int
+poll_now(int fd, short events)
+{
+    struct pollfd p = {.fd = fd, .events = events, .revents = 0};
+    int n;
+    do {
+        n = poll(&p, 1, 0);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    return n > 0;
+}
+
+static int
+lock_acquire(waitc_state *st, PyObject *lock)
+{
+    return do_method0(lock, st->s_acquire);
+}
+
+/* Release the lock, keeping any exception already set. */
+static int
+lock_release(waitc_state *st, PyObject *lock)
+{
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    int rc = do_method0(lock, st->s_release);
+    if (type != NULL) {
+        if (rc < 0) {
+            PyErr_Clear();
+        }
+        PyErr_Restore(type, value, tb);
+        return -1;
+    }
+    return rc;
+}
+
+/* With the lock held: the event's work. */
+static int
+dispatch_locked(waitc_state *st, Core *queue, LoopSlot *slot, PyObject *owner,
+                PyObject *fd_obj)
+{
+    if (slot->stale) {
+        /* The first event after a woken waiter took its turn may report what it took:
+         * ringing for it would wake the next waiter for nothing. */
+        slot->stale = 0;
+        int fd = as_fd(fd_obj);
+        if (fd < 0) {
+            return -1;
+        }
+        int ready = poll_now(fd, POLLIN);
+        if (ready <= 0) {
+            return ready;
+        }
+    }
+    Waiter *w = NULL;
+    if (slot->live) {
+        w = first(st, slot);
+        if (w == NULL && PyErr_Occurred()) {
+            return -1;
+        }
+    }
+    if (w == NULL) {
+        /* Nobody of this loop waits (a waiter whose task was cancelled but has not
+         * resumed yet does not count: `first` settles it). Read nothing, and drop the
+         * registration rather than be called again and again for an fd nobody asked
+         * about; but not while a woken waiter has not run (it may need it again). */
+        if (slot->woken == Py_None) {
+            return do_method1((PyObject *)queue, st->s_unregister, (PyObject *)slot);
+        }
+        return 0;
+    }
+    Py_DECREF(w);
+    PyObject *r = call_method2(owner, st->s_on_readable, (PyObject *)slot, fd_obj);
+    Py_XDECREF(r);
+    return r == NULL ? -1 : 0;
+}
+
+static PyObject *
+waitc_dispatch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "dispatch(queue_ref, slot, fd) takes 3 arguments");
+        return NULL;
+    }
+    waitc_state *st = get_state(module);
+    LoopSlot *slot = check_slot(st, args[1]);
+    if (slot == NULL) {
+        return NULL;
+    }
+    PyObject *fd_obj = args[2];
+    PyObject *queue = deref(args[0]);
+    PyObject *owner = NULL;
+    if (queue != NULL) {
+        if (!PyObject_TypeCheck(queue, st->core_type)) {
+            Py_DECREF(queue);
+            PyErr_SetString(PyExc_TypeError, "dispatch: not a WaitQueue");
+            return NULL;
+        }
+        PyObject *ref = ((Core *)queue)->owner;
+        owner = PyWeakref_CheckRef(ref) ? deref(ref) : NULL;
+    }
+    if (owner == NULL) { /* finalized without close(): __del__ prevents this */
+        Py_XDECREF(queue);
+        PyObject *loop = Py_NewRef(slot->loop);
+        PyObject *r = call_method1(loop, st->s_remove_reader, fd_obj);
+        Py_DECREF(loop);
+        Py_XDECREF(r);
+        return r == NULL ? NULL : Py_NewRef(Py_None);
+    }
+    Py_INCREF(slot);
+    PyObject *lock = Py_NewRef(((Core *)queue)->lock);
+    int rc = lock_acquire(st, lock);
+    if (rc == 0) {
+        rc = dispatch_locked(st, (Core *)queue, slot, owner, fd_obj);
+        if (lock_release(st, lock) < 0) {
+            rc = -1;
+        }
+    }
+    Py_DECREF(lock);
+    Py_DECREF(slot);
+    Py_DECREF(owner);
+    Py_DECREF(queue);
+    if (rc < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* Set a future of another thread's loop, in that thread, unless it is done by then. */
+static PyObject *
+waitc_set_soon(PyObject *module, PyObject *const *args, Py_ssize_t nargs, int exception)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "takes (future, value)");
+        return NULL;
+    }
+    waitc_state *st = get_state(module);
+    int done = future_done(st, args[0]);
+    if (done < 0) {
+        return NULL;
+    }
+    if (!done) { /* cancelled meanwhile: nobody needs it */
+        PyObject *r =
+            call_method1(args[0], exception ? st->s_set_exception : st->s_set_result, args[1]);
+        if (r == NULL) {
+            return NULL;
+        }
+        Py_DECREF(r);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+waitc_set_result(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    return waitc_set_soon(module, args, nargs, 0);
+}
+
+static PyObject *
+waitc_set_exception(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    return waitc_set_soon(module, args, nargs, 1);
+}
+
+/* ---------------------------------------------------------------------------------
+ * BarrierCore: the Barrier's counter, flags and read loop (see _barrier.py's top)
+ * --------------------------------------------------------------------------------- */
+
+static int
+BarrierCore_traverse(PyObject *op, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(op));
+    Py_VISIT(((BarrierCore *)op)->waitq);
+    return 0;
+}
+
+static int
+BarrierCore_clear(PyObject *op)
+{
+    Py_CLEAR(((BarrierCore *)op)->waitq);
+    return 0;
+}
+
+static void
+BarrierCore_dealloc(PyObject *op)
+{
+    PyTypeObject *tp = Py_TYPE(op);
+    PyObject_GC_UnTrack(op);
+    (void)BarrierCore_clear(op);
+    tp->tp_free(op);
+    Py_DECREF(tp);
+}
+
+static PyObject *
+BarrierCore_new(PyTypeObject *type, PyObject *Py_UNUSED(args), PyObject *Py_UNUSED(kwds))
+{
+    BarrierCore *self = (BarrierCore *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->waitq = Py_NewRef(Py_None);
+    self->me = self->them = self->pipe_r = self->pipe_w = -1;
+    return (PyObject *)self;
+}
+
+/* The pipe end this side holds once its role is set (the other one is closed then). */
+static inline int
+pipe_end(BarrierCore *self)
+{
+    return self->pipe_r >= 0 ? self->pipe_r : self->pipe_w;
+}
+
+/* What a wait for `cond` says now: Py_True / Py_False (borrowed), NULL: it waits on (no
+ * error set), or NULL with an error. `cond` is a threshold (wait while barriers > it)
+ * or anything else for "until the peer aborts". */
+static PyObject *
+verdict(BarrierCore *self, PyObject *cond)
+{
+    if (!PyLong_CheckExact(cond)) { /* UNTIL_ABORTED: this side's own abort does not count */
+        if (self->they_aborted) {
+            return self->i_aborted ? Py_False : Py_True;
+        }
+        return NULL;
+    }
+    if (self->i_aborted || self->they_aborted) {
+        return Py_False;
+    }
+    int overflow;
+    long long threshold = PyLong_AsLongLongAndOverflow(cond, &overflow);
+    if (threshold == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (overflow > 0 || (overflow == 0 && self->barriers <= threshold)) {
+        return Py_True;
+    }
+    return NULL;
+}
+
+static Core *
+waitq_of(BarrierCore *self, waitc_state *st)
+{
+    if (!PyObject_TypeCheck(self->waitq, st->core_type)) {
+        PyErr_SetString(PyExc_RuntimeError, "the Barrier has no wait queue");
+        return NULL;
+    }
+    return (Core *)self->waitq;
+}
+
+/* Release every waiter whose condition holds, with its result as of now. */
+static int
+wake(waitc_state *st, BarrierCore *self)
+{
+    Core *queue = waitq_of(self, st);
+    if (queue == NULL) {
+        return -1;
+    }
+    if (PyDict_GET_SIZE(queue->blockers) &&
+        do_method0((PyObject *)queue, st->s_wake_blockers) < 0) {
+        return -1;
+    }
+    if (!queue->waiting) {
+        return 0;
+    }
+    PyObject *slots = PyDict_Values(queue->slots);
+    if (slots == NULL) {
+        return -1;
+    }
+    int rc = 0;
+    for (Py_ssize_t i = 0; rc == 0 && i < PyList_GET_SIZE(slots); i++) {
+        PyObject *living = pending(st, (LoopSlot *)PyList_GET_ITEM(slots, i));
+        if (living == NULL) {
+            rc = -1;
+            break;
+        }
+        for (Py_ssize_t j = 0; j < PyList_GET_SIZE(living); j++) {
+            Waiter *w = (Waiter *)PyList_GET_ITEM(living, j);
+            PyObject *result = verdict(self, w->cond);
+            if (result == NULL) {
+                if (PyErr_Occurred()) {
+                    rc = -1;
+                    break;
+                }
+                continue;
+            }
+            if (w->state == PENDING && release(st, w, result) < 0) {
+                rc = -1;
+                break;
+            }
+        }
+        Py_DECREF(living);
+    }
+    Py_DECREF(slots);
+    return rc;
+}
+
+/* One read of `them`: its value, 0 if empty; -1 with an error set. */
+static int
+read_them(BarrierCore *self, uint64_t *value)
+{
+    *value = 0;
+    if (self->them < 0) {
+        raise_closed("the object was closed (by another thread) during this call");
+        return -1;
+    }
+    ssize_t n;
+    do {
+        n = read(self->them, value, sizeof *value);
+    } while (n < 0 && errno == EINTR);
+    if (n == (ssize_t)sizeof *value) {
+        return 0;
+    }
+    *value = 0;
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+        return 0;
+    }
+    if (n < 0 && errno == EBADF) {
+        raise_closed("the object was closed (by another thread) during this call");
+    }
+    else if (n < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+    }
+    else {
+        PyErr_SetString(PyExc_OSError, "short read from an eventfd");
+    }
+    return -1;
+}
+
+static void
+apply(BarrierCore *self, uint64_t value)
+{
+    if (value >= (uint64_t)ABORTION) {
+        self->they_aborted = 1;
+    }
+    else if (!(self->i_aborted || self->they_aborted)) {
+        self->barriers -= (long long)value;
+    }
+}
+
+/* systemd's read loop, run once for everyone waiting now (lock held). `cond`: a
+ * blocking twin of this thread waits for it too (NULL: none does). */
+static int
+pump(waitc_state *st, BarrierCore *self, PyObject *cond)
+{
+    Core *queue = waitq_of(self, st);
+    if (queue == NULL) {
+        return -1;
+    }
+    Py_INCREF(queue);
+    int rc = 0;
+    while (!self->they_aborted) {
+        if (!queue->waiting) {
+            if (cond == NULL) {
+                break;
+            }
+            PyObject *said = verdict(self, cond);
+            if (said != NULL) {
+                break;
+            }
+            if (PyErr_Occurred()) {
+                rc = -1;
+                break;
+            }
+        }
+        uint64_t value;
+        if (read_them(self, &value) < 0) {
+            rc = -1;
+            break;
+        }
+        if (!value) {
+            int gone = poll_now(pipe_end(self), 0); /* POLLHUP, POLLERR: always reported */
+            if (gone <= 0) {
+                rc = gone;
+                break;
+            }
+            /* The peer is gone. What it placed before exiting comes first; read once
+             * more, as a last write may have raced the poll. */
+            if (read_them(self, &value) < 0) {
+                rc = -1;
+                break;
+            }
+            if (!value) {
+                value = (uint64_t)ABORTION;
+                self->peer_exited = 1;
+            }
+        }
+        apply(self, value);
+        if (wake(st, self) < 0) {
+            rc = -1;
+            break;
+        }
+    }
+    Py_DECREF(queue);
+    return rc;
+}
+
+static PyObject *
+BarrierCore_on_readable(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "_on_readable(slot, fd) takes 2 arguments");
+        return NULL;
+    }
+    BarrierCore *self = (BarrierCore *)op;
+    if (self->me < 0) { /* closed */
+        Py_RETURN_NONE;
+    }
+    waitc_state *st = state_of(op);
+    if (st == NULL || pump(st, self, NULL) < 0) {
+        return NULL;
+    }
+    int fd = as_fd(args[1]);
+    if (fd < 0) {
+        return NULL;
+    }
+    if (fd != self->them && !self->they_aborted) {
+        /* The pipe fired but did not end the wait. uvloop reports a pipe write end's
+         * error only once per registration, so register afresh (now, or with this
+         * loop's next waiter) rather than keep a spent registration. */
+        PyObject *r = call_method1(self->waitq, st->s_reregister, args[0]);
+        if (r == NULL) {
+            return NULL;
+        }
+        Py_DECREF(r);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+BarrierCore_pump(PyObject *op, PyObject *cond)
+{
+    waitc_state *st = state_of(op);
+    if (st == NULL || pump(st, (BarrierCore *)op, cond == Py_None ? NULL : cond) < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+BarrierCore_wake(PyObject *op, PyObject *Py_UNUSED(ignored))
+{
+    waitc_state *st = state_of(op);
+    if (st == NULL || wake(st, (BarrierCore *)op) < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+BarrierCore_verdict(PyObject *op, PyObject *cond)
+{
+    PyObject *said = verdict((BarrierCore *)op, cond);
+    if (said == NULL) {
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+        Py_RETURN_NONE;
+    }
+    return Py_NewRef(said);
+}
+
+static PyObject *
+BarrierCore_apply(PyObject *op, PyObject *arg)
+{
+    unsigned long long value = PyLong_AsUnsignedLongLong(arg);
+    if (value == (unsigned long long)-1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    apply((BarrierCore *)op, (uint64_t)value);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+BarrierCore_get_pipe_end(PyObject *op, void *Py_UNUSED(closure))
+{
+    return PyLong_FromLong(pipe_end((BarrierCore *)op));
+}
+
+static PyObject *
+BarrierCore_get_waitq(PyObject *op, void *Py_UNUSED(closure))
+{
+    return get_object(&((BarrierCore *)op)->waitq);
+}
+
+static int
+BarrierCore_set_waitq(PyObject *op, PyObject *value, void *Py_UNUSED(closure))
+{
+    waitc_state *st = state_of(op);
+    if (st == NULL) {
+        return -1;
+    }
+    if (value != NULL && !PyObject_TypeCheck(value, st->core_type)) {
+        PyErr_SetString(PyExc_TypeError, "_waitq must be a WaitQueue");
+        return -1;
+    }
+    return set_object(&((BarrierCore *)op)->waitq, value, "_waitq");
+}
+
+static PyMethodDef BarrierCore_methods[] = {
+    {"_on_readable", FASTCALL(BarrierCore_on_readable), METH_FASTCALL,
+     "_on_readable(slot, fd) -> None\n--\n\n"
+     "One of the watched fds fired in `slot`'s loop, where someone waits (lock held):\n"
+     "run the read loop; register afresh after a pipe event that did not end the wait."},
+    {"_pump", BarrierCore_pump, METH_O,
+     "_pump(cond) -> None\n--\n\n"
+     "systemd's read loop, run once for everyone waiting now (lock held): read while\n"
+     "someone waits (a waiter of a loop, or this thread for `cond` unless it is None)\n"
+     "and the peer has not aborted; apply each value, then release whoever it frees."},
+    {"_wake", BarrierCore_wake, METH_NOARGS,
+     "_wake() -> None\n--\n\n"
+     "Release every waiter whose condition holds, with its result as of now, and wake\n"
+     "the blocking twins of other threads (lock held)."},
+    {"_verdict", BarrierCore_verdict, METH_O,
+     "_verdict(cond) -> bool | None\n--\n\n"
+     "What a wait for `cond` returns now, or None while it must wait: `cond` is a\n"
+     "threshold (True once barriers <= it, False once either side aborted) or\n"
+     "UNTIL_ABORTED (once the peer aborted: True unless this side aborted too)."},
+    {"_apply", BarrierCore_apply, METH_O,
+     "_apply(value) -> None\n--\n\nApply a value read from the peer's eventfd."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef BarrierCore_members[] = {
+    {"_barriers", Py_T_LONGLONG, offsetof(BarrierCore, barriers), 0,
+     "Barriers placed here minus the peer's read here."},
+    {"_me", Py_T_INT, offsetof(BarrierCore, me), 0, "The eventfd this side writes."},
+    {"_them", Py_T_INT, offsetof(BarrierCore, them), 0, "The eventfd this side reads."},
+    {"_pipe_r", Py_T_INT, offsetof(BarrierCore, pipe_r), 0, "The pipe's read end, or -1."},
+    {"_pipe_w", Py_T_INT, offsetof(BarrierCore, pipe_w), 0, "The pipe's write end, or -1."},
+    {"_i_aborted", Py_T_BOOL, offsetof(BarrierCore, i_aborted), 0, "This side aborted."},
+    {"_they_aborted", Py_T_BOOL, offsetof(BarrierCore, they_aborted), 0,
+     "The peer aborted or exited."},
+    {"_peer_exited", Py_T_BOOL, offsetof(BarrierCore, peer_exited), 0,
+     "The peer exited without aborting."},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyGetSetDef BarrierCore_getset[] = {
+    {"_pipe_end", BarrierCore_get_pipe_end, NULL,
+     "The pipe end this side holds once its role is set.", NULL},
+    {"_waitq", BarrierCore_get_waitq, BarrierCore_set_waitq, "The wait queue.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyType_Slot BarrierCore_slots[] = {
+    {Py_tp_doc, (void *)PyDoc_STR("The state and the read loop of a Barrier side.")},
+    {Py_tp_new, FUNC(BarrierCore_new)},
+    {Py_tp_dealloc, FUNC(BarrierCore_dealloc)},
+    {Py_tp_traverse, FUNC(BarrierCore_traverse)},
+    {Py_tp_clear, FUNC(BarrierCore_clear)},
+    {Py_tp_methods, BarrierCore_methods},
+    {Py_tp_members, BarrierCore_members},
+    {Py_tp_getset, BarrierCore_getset},
+    {0, NULL},
+};
+
+static PyType_Spec BarrierCore_spec = {
+    .name = "aiosync._waitc.BarrierCore",
+    .basicsize = sizeof(BarrierCore),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_BASETYPE |
+             Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = BarrierCore_slots,
+};
+
+/* ---------------------------------------------------------------------------------
+ * The module
+ * --------------------------------------------------------------------------------- */
+
+static PyMethodDef waitc_functions[] = {
+    {"dispatch", FASTCALL(waitc_dispatch), METH_FASTCALL,
+     "dispatch(queue_ref, slot, fd) -> None\n--\n\n"
+     "The reader callback of one (loop, fd) registration: if the primitive is alive and\n"
+     "someone of the slot's loop waits, call its _on_readable(slot, fd) with the lock\n"
+     "held; else drop the registration (see _waitq's top)."},
+    {"_set_result", FASTCALL(waitc_set_result), METH_FASTCALL,
+     "_set_result(future, result) -> None\n--\n\n"
+     "future.set_result(result) unless it is done (in another thread's loop)."},
+    {"_set_exception", FASTCALL(waitc_set_exception), METH_FASTCALL,
+     "_set_exception(future, exc) -> None\n--\n\n"
+     "future.set_exception(exc) unless it is done (in another thread's loop)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static int
+intern(PyObject **field, const char *name)
+{
+    *field = PyUnicode_InternFromString(name);
+    return *field == NULL ? -1 : 0;
+}
+
+static PyObject *
+import_attr(const char *module_name, const char *name)
+{
+    PyObject *module = PyImport_ImportModule(module_name);
+    if (module == NULL) {
+        return NULL;
+    }
+    PyObject *attr = PyObject_GetAttrString(module, name);
+    Py_DECREF(module);
+    return attr;
+}
+
+static PyTypeObject *
+add_type(PyObject *module, PyType_Spec *spec)
+{
+    PyTypeObject *type = (PyTypeObject *)PyType_FromModuleAndSpec(module, spec, NULL);
+    if (type == NULL || PyModule_AddType(module, type) < 0) {
+        Py_XDECREF(type);
+        return NULL;
+    }
+    return type;
+}
+
+static int
+waitc_exec(PyObject *module)
+{
+    waitc_state *st = get_state(module);
+    if ((st->waiter_type = add_type(module, &Waiter_spec)) == NULL ||
+        (st->slot_type = add_type(module, &LoopSlot_spec)) == NULL ||
+        (st->core_type = add_type(module, &Core_spec)) == NULL ||
+        (st->barrier_type = add_type(module, &BarrierCore_spec)) == NULL) {
+        return -1;
+    }
+    if ((st->get_running_loop = import_attr("asyncio", "get_running_loop")) == NULL ||
+        (st->deque = import_attr("collections", "deque")) == NULL ||
+        (st->set_result_soon = PyObject_GetAttrString(module, "_set_result")) == NULL ||
+        (st->set_exception_soon = PyObject_GetAttrString(module, "_set_exception")) == NULL) {
+        return -1;
+    }
+    if (intern(&st->s_acquire, "acquire") < 0 || intern(&st->s_release, "release") < 0 ||
+        intern(&st->s_append, "append") < 0 || intern(&st->s_appendleft, "appendleft") < 0 ||
+        intern(&st->s_popleft, "popleft") < 0 || intern(&st->s_done, "done") < 0 ||
+        intern(&st->s_set_result, "set_result") < 0 ||
+        intern(&st->s_set_exception, "set_exception") < 0 ||
+        intern(&st->s_create_future, "create_future") < 0 ||
+        intern(&st->s_call_soon_threadsafe, "call_soon_threadsafe") < 0 ||
+        intern(&st->s_remove_reader, "remove_reader") < 0 ||
+        intern(&st->s_on_readable, "_on_readable") < 0 ||
+        intern(&st->s_new_slot, "_new_slot") < 0 || intern(&st->s_register, "_register") < 0 ||
+        intern(&st->s_unregister, "_unregister") < 0 ||
+        intern(&st->s_reregister, "reregister") < 0 ||
+        intern(&st->s_wake_blockers, "wake_blockers") < 0) {
+        return -1;
+    }
+    if (PyModule_AddIntConstant(module, "PENDING", PENDING) < 0 ||
+        PyModule_AddIntConstant(module, "RELEASED", RELEASED) < 0 ||
+        PyModule_AddIntConstant(module, "ABANDONED", ABANDONED) < 0) {
+        return -1;
+    }
+    return 0;
+}
+
+#define STATE_FIELDS(X)                                                                     \
+    X(waiter_type)                                                                          \
+    X(slot_type)                                                                            \
+    X(core_type)                                                                            \
+    X(barrier_type)                                                                         \
+    X(get_running_loop)                                                                     \
+    X(deque)                                                                                \
+    X(set_result_soon)                                                                      \
+    X(set_exception_soon)                                                                   \
+    X(s_acquire)                                                                            \
+    X(s_release)                                                                            \
+    X(s_append)                                                                             \
+    X(s_appendleft)                                                                         \
+    X(s_popleft)                                                                            \
+    X(s_done)                                                                               \
+    X(s_set_result)                                                                         \
+    X(s_set_exception)                                                                      \
+    X(s_create_future)                                                                      \
+    X(s_call_soon_threadsafe)                                                               \
+    X(s_remove_reader)                                                                      \
+    X(s_on_readable)                                                                        \
+    X(s_new_slot)                                                                           \
+    X(s_register)                                                                           \
+    X(s_unregister)                                                                         \
+    X(s_reregister)                                                                         \
+    X(s_wake_blockers)
+
+static int
+waitc_traverse(PyObject *module, visitproc visit, void *arg)
+{
+    waitc_state *st = get_state(module);
+#define VISIT(f) Py_VISIT(st->f);
+    STATE_FIELDS(VISIT)
+#undef VISIT
+    return 0;
+}
+
+static int
+waitc_clear(PyObject *module)
+{
+    waitc_state *st = get_state(module);
+#define CLEAR(f) Py_CLEAR(st->f);
+    STATE_FIELDS(CLEAR)
+#undef CLEAR
+    return 0;
+}
+
+static void
+waitc_free(void *module)
+{
+    (void)waitc_clear((PyObject *)module);
+}
+
+static PyModuleDef_Slot waitc_slots[] = {
+    {Py_mod_exec, FUNC(waitc_exec)},
+#if PY_VERSION_HEX >= 0x030C0000
+    /* No mutable statics, types per interpreter: safe under a per-interpreter GIL. */
+    {Py_mod_multiple_interpreters, Py_MOD_PER_INTERPRETER_GIL_SUPPORTED},
+#endif
+#if PY_VERSION_HEX >= 0x030D0000
+    /* Every writer holds the queue's lock (see the top of this file). */
+    {Py_mod_gil, Py_MOD_GIL_NOT_USED},
+#endif
+    {0, NULL},
+};
+
+static struct PyModuleDef waitc_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "aiosync._waitc",
+    .m_doc = "The per-event and per-wait half of aiosync's wait core.",
+    .m_size = sizeof(waitc_state),
+    .m_methods = waitc_functions,
+    .m_slots = waitc_slots,
+    .m_traverse = waitc_traverse,
+    .m_clear = waitc_clear,
+    .m_free = waitc_free,
+};
+
+PyMODINIT_FUNC
+PyInit__waitc(void)
+{
+    return PyModuleDef_Init(&waitc_module);
+}

@@ -1,0 +1,114 @@
+"""The C half of the wait core (aiosync/_waitc.c): built, per interpreter, and strict.
+
+Its behaviour is the wait core's and the primitives', tested through them
+(test_waitqueue.py, test_barrier_*.py, test_completion*.py, test_group.py); here only
+what is the extension's own. (Its -Werror compile is in test_seqc.py, beside _seqc's.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import weakref
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aiosync import Barrier, Completion, Role, _waitc, _waitq
+
+
+def test_extension_is_built() -> None:
+    assert Path(_waitc.__file__).suffix == ".so"
+    assert issubclass(_waitq.WaitQueue, _waitc.Core)
+    assert issubclass(Barrier, _waitc.BarrierCore)
+
+
+def test_each_module_object_has_its_own_types() -> None:
+    # Multi-phase initialisation, heap types, module state: loading the extension again
+    # makes a second, independent module (as each subinterpreter gets).
+    spec = importlib.util.spec_from_file_location("aiosync._waitc", _waitc.__file__)
+    assert spec is not None
+    assert spec.loader is not None
+    other: Any = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(other)
+    assert other is not _waitc
+    for name in ("Waiter", "LoopSlot", "Core", "BarrierCore"):
+        assert getattr(other, name) is not getattr(_waitc, name)
+    # A Core of one module is not a WaitQueue to the other's LoopSlot.
+    with pytest.raises(TypeError, match="WaitQueue"):
+        other.LoopSlot(_waitc.Core(), None, False)
+
+
+async def test_a_waiter_is_handed_its_result_once() -> None:
+    loop = asyncio.get_running_loop()
+    queue: Any = _waitc.Core()
+    queue.lock = None
+    slot = _waitc.LoopSlot(queue, loop, False)
+    waiter = _waitc.Waiter(loop.create_future(), 0, slot)
+    slot.waiters.append(waiter)
+    slot.live = queue.waiting = 1
+    assert queue.first(slot) is waiter
+    assert queue.pending(slot) == [waiter]
+    waiter.release(True)
+    assert waiter.state == _waitc.RELEASED
+    assert (slot.live, queue.waiting) == (0, 0)
+    assert await waiter.future is True
+    assert queue.pending(slot) == []
+
+
+def test_fields_refuse_the_wrong_types() -> None:
+    queue: Any = _waitc.Core()
+    with pytest.raises(TypeError, match="WaitQueue"):
+        _waitc.LoopSlot(object(), None, False)
+    slot: Any = _waitc.LoopSlot(queue, None, False)
+    with pytest.raises(TypeError, match="LoopSlot"):
+        _waitc.Waiter(None, 0, object())
+    with pytest.raises(TypeError, match="deque"):
+        slot.waiters = []
+    with pytest.raises(TypeError, match="Waiter"):
+        slot.woken = object()
+    with pytest.raises(TypeError, match="LoopSlot"):
+        queue.first(object())
+    with pytest.raises(TypeError, match="weakref"):
+        queue._owner = object()
+    waiter: Any = _waitc.Waiter(None, 0, slot)
+    with pytest.raises(ValueError, match="PENDING"):
+        waiter.state = 7
+    barrier: Any = _waitc.BarrierCore()
+    with pytest.raises(TypeError, match="WaitQueue"):
+        barrier._waitq = object()
+
+
+def test_dispatch_of_a_dropped_primitive_removes_its_reader() -> None:
+    # A primitive finalized without close() (its __del__ closes it, so this is only a
+    # guard): the reader callback removes its own registration and does nothing else.
+    removed: list[int] = []
+
+    class Loop:
+        def remove_reader(self, fd: int) -> bool:
+            removed.append(fd)
+            return True
+
+    barrier = Barrier()
+    barrier.set_role(Role.PARENT)
+    queue = barrier._waitq
+    slot: Any = _waitc.LoopSlot(queue, Loop(), False)
+
+    class Gone:
+        pass
+
+    dead = weakref.ref(Gone())
+    _waitc.dispatch(dead, slot, 5)
+    assert removed == [5]
+    barrier.close()
+
+
+async def test_completion_waits_still_go_through_the_c_core() -> None:
+    with Completion() as c:
+        task = asyncio.create_task(c.wait())
+        await asyncio.sleep(0)
+        assert c._waitq.waiting == 1
+        c.complete()
+        await asyncio.wait_for(task, 10)
+        assert c._waitq.waiting == 0
