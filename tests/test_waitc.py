@@ -58,12 +58,13 @@ async def test_a_waiter_is_handed_its_result_once() -> None:
 
 
 def test_fields_refuse_the_wrong_types() -> None:
+    waitc: Any = _waitc  # wrong on purpose: the stub's types would refuse them
     queue: Any = _waitc.Core()
     with pytest.raises(TypeError, match="WaitQueue"):
-        _waitc.LoopSlot(object(), None, False)
-    slot: Any = _waitc.LoopSlot(queue, None, False)
+        waitc.LoopSlot(object(), None, False)
+    slot: Any = waitc.LoopSlot(queue, None, False)
     with pytest.raises(TypeError, match="LoopSlot"):
-        _waitc.Waiter(None, 0, object())
+        waitc.Waiter(None, 0, object())
     with pytest.raises(TypeError, match="deque"):
         slot.waiters = []
     with pytest.raises(TypeError, match="Waiter"):
@@ -72,7 +73,7 @@ def test_fields_refuse_the_wrong_types() -> None:
         queue.first(object())
     with pytest.raises(TypeError, match="weakref"):
         queue._owner = object()
-    waiter: Any = _waitc.Waiter(None, 0, slot)
+    waiter: Any = waitc.Waiter(None, 0, slot)
     with pytest.raises(ValueError, match="PENDING"):
         waiter.state = 7
     barrier: Any = _waitc.BarrierCore()
@@ -93,7 +94,7 @@ def test_dispatch_of_a_dropped_primitive_removes_its_reader() -> None:
     barrier = Barrier()
     barrier.set_role(Role.PARENT)
     queue = barrier._waitq
-    slot: Any = _waitc.LoopSlot(queue, Loop(), False)
+    slot: Any = _waitc.LoopSlot(queue, Loop(), False)  # type: ignore[arg-type]
 
     class Gone:
         pass
