@@ -234,15 +234,8 @@ class Barrier(_waitc.BarrierCore, Resource):
         with self._waitq.lock:
             return self._place()
 
-    def _place(self) -> bool:
-        """`place()` with the lock held."""
-        if self._i_aborted or self._they_aborted:
-            return False
-        if not _fd.write_eventfd(self._me, 1):
-            self._broken()
-            return False
-        self._barriers += 1
-        return True
+    # _place() (place() with the lock held) is _waitc.BarrierCore's, in C: it is half
+    # of every place_and_sync().
 
     def abort(self) -> bool:
         """Abort: the peer's waits return False from now on, and so do this side's.
@@ -269,10 +262,8 @@ class Barrier(_waitc.BarrierCore, Resource):
                     self._broken()
             return not self._they_aborted
 
-    def _broken(self) -> None:
-        # The peer can no longer be told anything: systemd makes this fatal.
-        self._i_aborted = self._they_aborted = True
-        self._wake()
+    # _broken() (a write failed: both sides count as aborted, as systemd makes it
+    # fatal) is _waitc.BarrierCore's too.
 
     # -- waiting ----------------------------------------------------------------------
 

@@ -1580,6 +1580,61 @@ pump(waitc_state *st, BarrierCore *self, PyObject *cond)
     return rc;
 }
 
+/* Both sides count as aborted: the peer can no longer be told anything (systemd makes
+ * this fatal). */
+static int
+broken(waitc_state *st, BarrierCore *self)
+{
+    self->i_aborted = self->they_aborted = 1;
+    return wake(st, self);
+}
+
+/* place(), lock held: 1 placed, 0 not (aborted, or the write failed: then broken), -1
+ * with an error set. */
+static int
+place(waitc_state *st, BarrierCore *self)
+{
+    if (self->i_aborted || self->they_aborted) {
+        return 0;
+    }
+    if (self->me < 0) {
+        raise_closed("the object was closed (by another thread) during this call");
+        return -1;
+    }
+    uint64_t one = 1;
+    ssize_t n;
+    do {
+        n = write(self->me, &one, sizeof one);
+    } while (n < 0 && errno == EINTR);
+    if (n == (ssize_t)sizeof one) {
+        self->barriers += 1;
+        return 1;
+    }
+    if (n < 0 && errno == EBADF) {
+        raise_closed("the object was closed (by another thread) during this call");
+        return -1;
+    }
+    return broken(st, self) < 0 ? -1 : 0;
+}
+
+static PyObject *
+BarrierCore_place(PyObject *op, PyObject *Py_UNUSED(ignored))
+{
+    waitc_state *st = state_of(op);
+    int placed = st == NULL ? -1 : place(st, (BarrierCore *)op);
+    return placed < 0 ? NULL : PyBool_FromLong(placed);
+}
+
+static PyObject *
+BarrierCore_broken(PyObject *op, PyObject *Py_UNUSED(ignored))
+{
+    waitc_state *st = state_of(op);
+    if (st == NULL || broken(st, (BarrierCore *)op) < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyObject *
 BarrierCore_on_readable(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -1687,6 +1742,15 @@ static PyMethodDef BarrierCore_methods[] = {
      "_on_readable(slot, fd) -> None\n--\n\n"
      "One of the watched fds fired in `slot`'s loop, where someone waits (lock held):\n"
      "run the read loop; register afresh after a pipe event that did not end the wait."},
+    {"_place", BarrierCore_place, METH_NOARGS,
+     "_place() -> bool\n--\n\n"
+     "place() with the lock held: write 1 to this side's eventfd and count it. False\n"
+     "without writing if either side aborted, and False if the write failed (the\n"
+     "barrier is then aborted on both sides: see _broken)."},
+    {"_broken", BarrierCore_broken, METH_NOARGS,
+     "_broken() -> None\n--\n\n"
+     "A write to the peer failed: it can no longer be told anything, so both sides\n"
+     "count as aborted (systemd makes this fatal); waiters are released (lock held)."},
     {"_pump", BarrierCore_pump, METH_O,
      "_pump(cond) -> None\n--\n\n"
      "systemd's read loop, run once for everyone waiting now (lock held): read while\n"
