@@ -66,6 +66,7 @@ typedef struct {
     PyTypeObject *slot_type;
     PyTypeObject *core_type;
     PyTypeObject *barrier_type;
+    PyTypeObject *completion_type;
     PyObject *get_running_loop; /* asyncio.get_running_loop */
     PyObject *deque;            /* collections.deque */
     PyObject *set_result_soon;  /* this module's _set_result, for another thread's loop */
@@ -144,6 +145,14 @@ typedef struct {
     char they_aborted;
     char peer_exited;
 } BarrierCore;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *ring_turn; /* what a waiter woken by `count` is handed */
+    PyObject *ring_all;  /* what every waiter is handed while `all` is set */
+    int count;
+    int all;
+} CompletionCore;
 
 /* The module state from an object of one of this module's types (or a subclass). */
 static inline waitc_state *
@@ -1813,6 +1822,312 @@ static PyType_Spec BarrierCore_spec = {
 };
 
 /* ---------------------------------------------------------------------------------
+ * CompletionCore: the Completion's two eventfds (see _completion.py's top)
+ * --------------------------------------------------------------------------------- */
+
+static int
+CompletionCore_traverse(PyObject *op, visitproc visit, void *arg)
+{
+    CompletionCore *self = (CompletionCore *)op;
+    Py_VISIT(Py_TYPE(op));
+    Py_VISIT(self->ring_turn);
+    Py_VISIT(self->ring_all);
+    return 0;
+}
+
+static int
+CompletionCore_clear(PyObject *op)
+{
+    CompletionCore *self = (CompletionCore *)op;
+    Py_CLEAR(self->ring_turn);
+    Py_CLEAR(self->ring_all);
+    return 0;
+}
+
+static void
+CompletionCore_dealloc(PyObject *op)
+{
+    PyTypeObject *tp = Py_TYPE(op);
+    PyObject_GC_UnTrack(op);
+    (void)CompletionCore_clear(op);
+    tp->tp_free(op);
+    Py_DECREF(tp);
+}
+
+static PyObject *
+CompletionCore_new(PyTypeObject *type, PyObject *Py_UNUSED(args), PyObject *Py_UNUSED(kwds))
+{
+    CompletionCore *self = (CompletionCore *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->ring_turn = Py_NewRef(Py_None);
+    self->ring_all = Py_NewRef(Py_None);
+    self->count = self->all = -1;
+    return (PyObject *)self;
+}
+
+/* (all done, a count is available) now: one zero-timeout poll, nothing read. */
+static int
+completion_poll(CompletionCore *self, int *all_done, int *available)
+{
+    *all_done = *available = 0;
+    if (self->count < 0 || self->all < 0) { /* closed (by another thread) since the check */
+        raise_closed("the Completion was closed while waiting");
+        return -1;
+    }
+    struct pollfd p[2] = {
+        {.fd = self->count, .events = POLLIN, .revents = 0},
+        {.fd = self->all, .events = POLLIN, .revents = 0},
+    };
+    int n;
+    do {
+        n = poll(p, 2, 0);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
+    *available = (p[0].revents & POLLIN) != 0;
+    *all_done = (p[1].revents & POLLIN) != 0;
+    return 0;
+}
+
+/* Take one count (a semaphore-mode read): 1 taken, 0 none there, -1 with an error. */
+static int
+completion_take_count(CompletionCore *self)
+{
+    if (self->count < 0) {
+        raise_closed("the object was closed (by another thread) during this call");
+        return -1;
+    }
+    uint64_t value;
+    ssize_t n;
+    do {
+        n = read(self->count, &value, sizeof value);
+    } while (n < 0 && errno == EINTR);
+    if (n == (ssize_t)sizeof value) {
+        return value != 0;
+    }
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+        return 0;
+    }
+    if (n < 0 && errno == EBADF) {
+        raise_closed("the object was closed (by another thread) during this call");
+    }
+    else if (n < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+    }
+    else {
+        PyErr_SetString(PyExc_OSError, "short read from an eventfd");
+    }
+    return -1;
+}
+
+static PyObject *
+CompletionCore_poll(PyObject *op, PyObject *Py_UNUSED(ignored))
+{
+    int all_done, available;
+    if (completion_poll((CompletionCore *)op, &all_done, &available) < 0) {
+        return NULL;
+    }
+    return Py_BuildValue("(OO)", all_done ? Py_True : Py_False, available ? Py_True : Py_False);
+}
+
+static PyObject *
+CompletionCore_try_take(PyObject *op, PyObject *Py_UNUSED(ignored))
+{
+    CompletionCore *self = (CompletionCore *)op;
+    int all_done, available;
+    if (completion_poll(self, &all_done, &available) < 0) {
+        return NULL;
+    }
+    if (all_done) {
+        Py_RETURN_TRUE;
+    }
+    if (!available) {
+        Py_RETURN_FALSE;
+    }
+    int taken = completion_take_count(self);
+    return taken < 0 ? NULL : PyBool_FromLong(taken);
+}
+
+static PyObject *
+CompletionCore_take(PyObject *op, PyObject *ring)
+{
+    CompletionCore *self = (CompletionCore *)op;
+    if (ring == self->ring_all) {
+        Py_RETURN_TRUE;
+    }
+    /* Woken by `count`: most likely there, so read first. */
+    int taken = completion_take_count(self);
+    if (taken < 0) {
+        return NULL;
+    }
+    if (taken) {
+        Py_RETURN_TRUE;
+    }
+    int all_done, available;
+    if (completion_poll(self, &all_done, &available) < 0) {
+        return NULL;
+    }
+    return PyBool_FromLong(all_done);
+}
+
+static PyObject *
+CompletionCore_complete(PyObject *op, PyObject *Py_UNUSED(ignored))
+{
+    CompletionCore *self = (CompletionCore *)op;
+    if (self->count < 0) {
+        raise_closed("the object was closed (by another thread) during this call");
+        return NULL;
+    }
+    uint64_t one = 1;
+    ssize_t n;
+    do {
+        n = write(self->count, &one, sizeof one);
+    } while (n < 0 && errno == EINTR);
+    if (n == (ssize_t)sizeof one) {
+        Py_RETURN_NONE;
+    }
+    if (n < 0 && errno == EBADF) {
+        raise_closed("the object was closed (by another thread) during this call");
+    }
+    else {
+        PyErr_SetString(PyExc_OverflowError,
+                        "too many completions are pending (the eventfd is full)");
+    }
+    return NULL;
+}
+
+static PyObject *
+CompletionCore_on_readable(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "_on_readable(slot, fd) takes 2 arguments");
+        return NULL;
+    }
+    CompletionCore *self = (CompletionCore *)op;
+    waitc_state *st = state_of(op);
+    LoopSlot *slot = st == NULL ? NULL : check_slot(st, args[0]);
+    if (slot == NULL) {
+        return NULL;
+    }
+    int fd = as_fd(args[1]);
+    if (fd < 0) {
+        return NULL;
+    }
+    PyObject *ring_all = Py_NewRef(self->ring_all);
+    int rc = 0;
+    if (fd == self->all) { /* complete_all() is in force: everyone goes, taking nothing */
+        PyObject *living = pending(st, slot);
+        if (living == NULL) {
+            rc = -1;
+        }
+        else {
+            for (Py_ssize_t i = 0; rc == 0 && i < PyList_GET_SIZE(living); i++) {
+                Waiter *w = (Waiter *)PyList_GET_ITEM(living, i);
+                if (w->state == PENDING) {
+                    rc = release(st, w, ring_all);
+                }
+            }
+            Py_DECREF(living);
+        }
+    }
+    else {
+        PyObject *ring_turn = Py_NewRef(self->ring_turn);
+        rc = ring(st, slot, ring_turn);
+        Py_DECREF(ring_turn);
+    }
+    Py_DECREF(ring_all);
+    if (rc < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef CompletionCore_methods[] = {
+    {"_on_readable", FASTCALL(CompletionCore_on_readable), METH_FASTCALL,
+     "_on_readable(slot, fd) -> None\n--\n\n"
+     "The loop's reader (lock held). Reads nothing: `count` rings the oldest waiter of\n"
+     "the slot's loop for its turn; `all` releases all of them, taking nothing."},
+    {"_take", CompletionCore_take, METH_O,
+     "_take(ring) -> bool\n--\n\n"
+     "A woken waiter's turn (lock held): take a count, or pass while all are done."},
+    {"_try_take", CompletionCore_try_take, METH_NOARGS,
+     "_try_take() -> bool\n--\n\n"
+     "Take one count if one is there (True), pass if all are done (True), else False;\n"
+     "never blocks."},
+    {"_poll", CompletionCore_poll, METH_NOARGS,
+     "_poll() -> tuple[bool, bool]\n--\n\n"
+     "(all done, a count is available) now: one zero-timeout poll, nothing read."},
+    {"_complete", CompletionCore_complete, METH_NOARGS,
+     "_complete() -> None\n--\n\n"
+     "Write 1 to `count` (OverflowError if the eventfd is full); takes no lock."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef CompletionCore_members[] = {
+    {"_count", Py_T_INT, offsetof(CompletionCore, count), 0,
+     "The semaphore-mode eventfd of the counts, or -1."},
+    {"_all", Py_T_INT, offsetof(CompletionCore, all), 0,
+     "The eventfd whose value says all are done, or -1."},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyObject *
+CompletionCore_get_ring_turn(PyObject *op, void *Py_UNUSED(closure))
+{
+    return get_object(&((CompletionCore *)op)->ring_turn);
+}
+
+static int
+CompletionCore_set_ring_turn(PyObject *op, PyObject *value, void *Py_UNUSED(closure))
+{
+    return set_object(&((CompletionCore *)op)->ring_turn, value, "_ring_turn");
+}
+
+static PyObject *
+CompletionCore_get_ring_all(PyObject *op, void *Py_UNUSED(closure))
+{
+    return get_object(&((CompletionCore *)op)->ring_all);
+}
+
+static int
+CompletionCore_set_ring_all(PyObject *op, PyObject *value, void *Py_UNUSED(closure))
+{
+    return set_object(&((CompletionCore *)op)->ring_all, value, "_ring_all");
+}
+
+static PyGetSetDef CompletionCore_getset[] = {
+    {"_ring_turn", CompletionCore_get_ring_turn, CompletionCore_set_ring_turn,
+     "What a waiter woken by `count` is handed.", NULL},
+    {"_ring_all", CompletionCore_get_ring_all, CompletionCore_set_ring_all,
+     "What every waiter is handed while `all` is set.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyType_Slot CompletionCore_slots[] = {
+    {Py_tp_doc, (void *)PyDoc_STR("The eventfds, the takes and the reader of a Completion.")},
+    {Py_tp_new, FUNC(CompletionCore_new)},
+    {Py_tp_dealloc, FUNC(CompletionCore_dealloc)},
+    {Py_tp_traverse, FUNC(CompletionCore_traverse)},
+    {Py_tp_clear, FUNC(CompletionCore_clear)},
+    {Py_tp_methods, CompletionCore_methods},
+    {Py_tp_members, CompletionCore_members},
+    {Py_tp_getset, CompletionCore_getset},
+    {0, NULL},
+};
+
+static PyType_Spec CompletionCore_spec = {
+    .name = "aiosync._waitc.CompletionCore",
+    .basicsize = sizeof(CompletionCore),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_BASETYPE |
+             Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = CompletionCore_slots,
+};
+
+/* ---------------------------------------------------------------------------------
  * The module
  * --------------------------------------------------------------------------------- */
 
@@ -1868,7 +2183,8 @@ waitc_exec(PyObject *module)
     if ((st->waiter_type = add_type(module, &Waiter_spec)) == NULL ||
         (st->slot_type = add_type(module, &LoopSlot_spec)) == NULL ||
         (st->core_type = add_type(module, &Core_spec)) == NULL ||
-        (st->barrier_type = add_type(module, &BarrierCore_spec)) == NULL) {
+        (st->barrier_type = add_type(module, &BarrierCore_spec)) == NULL ||
+        (st->completion_type = add_type(module, &CompletionCore_spec)) == NULL) {
         return -1;
     }
     if ((st->get_running_loop = import_attr("asyncio", "get_running_loop")) == NULL ||
@@ -1905,6 +2221,7 @@ waitc_exec(PyObject *module)
     X(slot_type)                                                                            \
     X(core_type)                                                                            \
     X(barrier_type)                                                                         \
+    X(completion_type)                                                                      \
     X(get_running_loop)                                                                     \
     X(deque)                                                                                \
     X(set_result_soon)                                                                      \
