@@ -24,6 +24,10 @@ barriers of theirs I have read. Positive: I am ahead; negative: they are ahead.
   moment (a snapshot: nothing is consumed, so a cancelled waiter gives nothing back).
   A waiter's condition is a threshold, or `UNTIL_ABORTED` for ``wait_abortion()``.
 
+The state (counter, flags, fds), the read loop, what a wait's condition says now
+(``_verdict``, the only statement of it) and ``place()``'s write run on every round
+trip, so they are in C: the base class `_waitc.BarrierCore`. This class keeps the rest.
+
 Departures from systemd: ``place()`` returns False when the eventfd write fails (the
 barrier is then both-aborted); my own ``abort()`` releases my pending ``sync()``-style
 waits with False (systemd cannot wait and abort at once); ``barrier_we_aborted()`` is

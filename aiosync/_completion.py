@@ -33,6 +33,10 @@ of its loop at once, taking nothing.
 
 ``complete()`` and ``complete_all()`` only write to an eventfd: they take no lock, so
 they are safe from any thread and from a signal handler.
+
+What runs on every hand-off (the callback's rings, a waiter's take, ``complete()``'s
+write, the zero-timeout poll of both eventfds) is in C: the base class
+`_waitc.CompletionCore`. This class keeps the rest.
 """
 
 from __future__ import annotations

@@ -49,6 +49,14 @@ first) and the loop registrations of the fds they wait on.
   that stops the release of other loops' waiters or a ``close()``.
 * In a forked child the parent's loops are not ours: every queue forgets its
   registrations (without touching the shared epoll instance) and gets a fresh lock.
+
+What runs on every event and every wait is in C, in `_waitc` (docs/design.md §2): the
+`Waiter` and its transitions, the `LoopSlot`, the queue's fields with `park`, `first`,
+`pending` and `ring` (its base class `_waitc.Core`), and the loop's callback
+(`_waitc.dispatch`); the primitives' own per-event work is there too (a Barrier's read
+loop, a Completion's takes). This module keeps the rest: loops coming and going,
+registrations, waiting in line for a turn, abandoning, the blocking twins, closing and
+fork.
 """
 
 from __future__ import annotations
