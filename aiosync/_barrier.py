@@ -348,14 +348,10 @@ class Barrier(_waitc.BarrierCore, Resource):
         # round trip every benchmark times, so it makes no call it can do without.
         if self._role is None or self._closed:
             self._check_ready()
-        queue = self._waitq
-        with queue.lock:
-            if not self._place():
-                return False  # aborted: sync() would return False at once too
-            if self._barriers <= 0:
-                return True
-            waiter = queue.park(0)
-        return await queue.wait(waiter)
+        started = self._start_wait(0, True)
+        if type(started) is bool:
+            return started
+        return await self._waitq.wait(started)
 
     async def wait_abortion(self) -> bool:
         """Wait until the peer aborts or exits.
@@ -646,12 +642,7 @@ def start_wait(barrier: Barrier, cond: Cond) -> bool | Waiter:
     abandons it if it stops waiting). BarrierGroup parks one per member and awaits them
     together; the barrier's own waits go through here too.
     """
-    queue = barrier._waitq
-    with queue.lock:
-        result = barrier._verdict(cond)
-        if result is not None:
-            return result
-        return queue.park(cond)
+    return barrier._start_wait(cond)
 
 
 def check_ready(barrier: Barrier) -> None:

@@ -67,6 +67,7 @@ typedef struct {
     PyTypeObject *core_type;
     PyTypeObject *barrier_type;
     PyTypeObject *completion_type;
+    PyTypeObject *wait_type;
     PyObject *get_running_loop; /* asyncio.get_running_loop */
     PyObject *deque;            /* collections.deque */
     PyObject *set_result_soon;  /* this module's _set_result, for another thread's loop */
@@ -89,6 +90,9 @@ typedef struct {
     PyObject *s_unregister;
     PyObject *s_reregister;
     PyObject *s_wake_blockers;
+    PyObject *s_abandon;
+    PyObject *s_throw;
+    PyObject *s_close;
 } waitc_state;
 
 static struct PyModuleDef waitc_module;
@@ -153,6 +157,14 @@ typedef struct {
     int count;
     int all;
 } CompletionCore;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *queue;  /* a Core */
+    PyObject *waiter; /* a Waiter */
+    PyObject *inner;  /* the future's __await__() iterator, once started; NULL before */
+    char over;        /* returned or raised: nothing more to abandon */
+} Wait;
 
 /* The module state from an object of one of this module's types (or a subclass). */
 static inline waitc_state *
@@ -1134,7 +1146,258 @@ Core_ring(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+/* ---------------------------------------------------------------------------------
+ * Wait: what `await queue.wait(waiter)` awaits
+ * --------------------------------------------------------------------------------- */
+
+/* The wait is over by an exception (cancelled, timed out, its loop closed, the
+ * coroutine closed): queue.abandon(waiter), keeping that exception. */
+static void
+wait_abandon(waitc_state *st, Wait *self)
+{
+    self->over = 1;
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyObject *r = call_method1(self->queue, st->s_abandon, self->waiter);
+    if (r == NULL) { /* keep the first exception; this one says less */
+        PyErr_WriteUnraisable(self->queue);
+    }
+    Py_XDECREF(r);
+    PyErr_Restore(type, value, tb);
+}
+
+/* What the inner iterator gave: a value to yield (returned), or its end (NULL): its
+ * result as StopIteration, or its exception, after which the waiter is abandoned. */
+static PyObject *
+wait_outcome(waitc_state *st, Wait *self, PySendResult sent, PyObject *result)
+{
+    if (sent == PYGEN_NEXT) {
+        return result;
+    }
+    if (sent == PYGEN_RETURN) {
+        self->over = 1;
+        if (result == Py_None) {
+            PyErr_SetNone(PyExc_StopIteration);
+        }
+        else {
+            PyObject *stop = PyObject_CallOneArg(PyExc_StopIteration, result);
+            if (stop != NULL) {
+                PyErr_SetObject(PyExc_StopIteration, stop);
+                Py_DECREF(stop);
+            }
+        }
+        Py_DECREF(result);
+        return NULL;
+    }
+    wait_abandon(st, self);
+    return NULL;
+}
+
+static int
+wait_start(Wait *self)
+{
+    if (self->inner != NULL) {
+        return 0;
+    }
+    PyObject *future = ((Waiter *)self->waiter)->future;
+    PyAsyncMethods *am = Py_TYPE(future)->tp_as_async;
+    if (am == NULL || am->am_await == NULL) {
+        PyErr_SetString(PyExc_TypeError, "the waiter's future is not awaitable");
+        return -1;
+    }
+    self->inner = am->am_await(future);
+    return self->inner == NULL ? -1 : 0;
+}
+
+static PyObject *
+Wait_send(PyObject *op, PyObject *value)
+{
+    Wait *self = (Wait *)op;
+    waitc_state *st = state_of(op);
+    if (st == NULL) {
+        return NULL;
+    }
+    if (self->over) {
+        PyErr_SetString(PyExc_RuntimeError, "cannot reuse an awaited wait");
+        return NULL;
+    }
+    if (wait_start(self) < 0) {
+        wait_abandon(st, self);
+        return NULL;
+    }
+    PyObject *result = NULL;
+    PySendResult sent = PyIter_Send(self->inner, value, &result);
+    return wait_outcome(st, self, sent, result);
+}
+
+static PyObject *
+Wait_iternext(PyObject *op)
+{
+    return Wait_send(op, Py_None);
+}
+
+static PyObject *
+Wait_throw(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
+{
+    Wait *self = (Wait *)op;
+    waitc_state *st = state_of(op);
+    if (st == NULL) {
+        return NULL;
+    }
+    if (nargs < 1 || nargs > 3) {
+        PyErr_SetString(PyExc_TypeError, "throw() takes 1 to 3 arguments");
+        return NULL;
+    }
+    PyObject *result;
+    if (self->inner == NULL || self->over) {
+        /* Not started (or over): raise it here, as a coroutine would at its start. */
+        PyObject *thrown = args[0];
+        if (PyExceptionClass_Check(thrown)) {
+            PyErr_SetObject(thrown, nargs > 1 ? args[1] : NULL);
+        }
+        else {
+            PyErr_SetObject((PyObject *)Py_TYPE(thrown), thrown);
+        }
+        if (!self->over) {
+            wait_abandon(st, self);
+        }
+        return NULL;
+    }
+    PyObject *call[4] = {self->inner, NULL, NULL, NULL};
+    for (Py_ssize_t i = 0; i < nargs; i++) {
+        call[i + 1] = args[i];
+    }
+    result = PyObject_VectorcallMethod(st->s_throw, call,
+                                       (size_t)(nargs + 1) | PY_VECTORCALL_ARGUMENTS_OFFSET,
+                                       NULL);
+    if (result != NULL) {
+        return result;
+    }
+    if (PyErr_ExceptionMatches(PyExc_StopIteration)) {
+        self->over = 1;
+        return NULL;
+    }
+    wait_abandon(st, self);
+    return NULL;
+}
+
+static PyObject *
+Wait_close(PyObject *op, PyObject *Py_UNUSED(ignored))
+{
+    Wait *self = (Wait *)op;
+    waitc_state *st = state_of(op);
+    if (st == NULL) {
+        return NULL;
+    }
+    if (self->inner != NULL && do_method0(self->inner, st->s_close) < 0) {
+        PyErr_Clear();
+    }
+    if (!self->over) {
+        self->over = 1;
+        PyObject *r = call_method1(self->queue, st->s_abandon, self->waiter);
+        if (r == NULL) {
+            return NULL;
+        }
+        Py_DECREF(r);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Wait_await(PyObject *op)
+{
+    return Py_NewRef(op);
+}
+
+static int
+Wait_traverse(PyObject *op, visitproc visit, void *arg)
+{
+    Wait *self = (Wait *)op;
+    Py_VISIT(Py_TYPE(op));
+    Py_VISIT(self->queue);
+    Py_VISIT(self->waiter);
+    Py_VISIT(self->inner);
+    return 0;
+}
+
+static int
+Wait_clear(PyObject *op)
+{
+    Wait *self = (Wait *)op;
+    Py_CLEAR(self->queue);
+    Py_CLEAR(self->waiter);
+    Py_CLEAR(self->inner);
+    return 0;
+}
+
+static void
+Wait_dealloc(PyObject *op)
+{
+    PyTypeObject *tp = Py_TYPE(op);
+    PyObject_GC_UnTrack(op);
+    (void)Wait_clear(op);
+    tp->tp_free(op);
+    Py_DECREF(tp);
+}
+
+static PyMethodDef Wait_methods[] = {
+    {"send", Wait_send, METH_O, "send(value) -> Any\n--\n\nAs a coroutine's send()."},
+    {"throw", FASTCALL(Wait_throw), METH_FASTCALL,
+     "throw(exc) -> Any\n--\n\nAs a coroutine's throw(): the waiter is abandoned."},
+    {"close", Wait_close, METH_NOARGS,
+     "close() -> None\n--\n\nAs a coroutine's close(): the waiter is abandoned."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot Wait_slots[] = {
+    {Py_tp_doc, (void *)PyDoc_STR("What `await queue.wait(waiter)` awaits: the waiter's\n"
+                                  "future; on any exception the waiter is abandoned.")},
+    {Py_am_await, FUNC(Wait_await)},
+    {Py_tp_iter, FUNC(Wait_await)},
+    {Py_tp_iternext, FUNC(Wait_iternext)},
+    {Py_tp_dealloc, FUNC(Wait_dealloc)},
+    {Py_tp_traverse, FUNC(Wait_traverse)},
+    {Py_tp_clear, FUNC(Wait_clear)},
+    {Py_tp_methods, Wait_methods},
+    {0, NULL},
+};
+
+static PyType_Spec Wait_spec = {
+    .name = "aiosync._waitc.Wait",
+    .basicsize = sizeof(Wait),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE |
+             Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .slots = Wait_slots,
+};
+
+static PyObject *
+Core_wait(PyObject *op, PyObject *waiter)
+{
+    waitc_state *st = state_of(op);
+    if (st == NULL) {
+        return NULL;
+    }
+    if (!Py_IS_TYPE(waiter, st->waiter_type)) {
+        PyErr_SetString(PyExc_TypeError, "wait(waiter): expected a Waiter");
+        return NULL;
+    }
+    Wait *self = PyObject_GC_New(Wait, st->wait_type);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->queue = Py_NewRef(op);
+    self->waiter = Py_NewRef(waiter);
+    self->inner = NULL;
+    self->over = 0;
+    PyObject_GC_Track(self);
+    return (PyObject *)self;
+}
+
 static PyMethodDef Core_methods[] = {
+    {"wait", Core_wait, METH_O,
+     "wait(waiter) -> Awaitable\n--\n\n"
+     "Wait for `waiter` to be released (await it); on any exception (cancellation, a\n"
+     "timeout, the coroutine closed) abandon it: leave nothing behind."},
     {"park", Core_park, METH_O,
      "park(cond) -> Waiter\n--\n\n"
      "Queue a waiter of the running loop for `cond`. Call with ``lock`` held.\n\n"
@@ -1644,6 +1907,58 @@ BarrierCore_broken(PyObject *op, PyObject *Py_UNUSED(ignored))
     Py_RETURN_NONE;
 }
 
+/* The first half of a wait for `cond`, under the lock: its result at once (Py_True,
+ * Py_False), or a waiter parked on the queue (a new reference); NULL with an error.
+ * With `placing`, place() first (place_and_sync): if that places nothing, False. */
+static PyObject *
+start_wait(waitc_state *st, BarrierCore *self, PyObject *cond, int placing)
+{
+    Core *queue = waitq_of(self, st);
+    if (queue == NULL) {
+        return NULL;
+    }
+    Py_INCREF(queue);
+    PyObject *lock = Py_NewRef(queue->lock);
+    PyObject *result = NULL;
+    if (lock_acquire(st, lock) == 0) {
+        int placed = placing ? place(st, self) : 1;
+        if (placed == 0) {
+            result = Py_NewRef(Py_False); /* aborted: sync() would return False at once too */
+        }
+        else if (placed > 0) {
+            result = verdict(self, cond);
+            if (result != NULL) {
+                Py_INCREF(result);
+            }
+            else if (!PyErr_Occurred()) {
+                result = Core_park((PyObject *)queue, cond);
+            }
+        }
+        if (lock_release(st, lock) < 0) {
+            Py_CLEAR(result);
+        }
+    }
+    Py_DECREF(lock);
+    Py_DECREF(queue);
+    return result;
+}
+
+static PyObject *
+BarrierCore_start_wait(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "_start_wait(cond, place=False) takes 1 or 2 arguments");
+        return NULL;
+    }
+    int placing = 0;
+    if (nargs == 2 && (placing = PyObject_IsTrue(args[1])) < 0) {
+        return NULL;
+    }
+    waitc_state *st = state_of(op);
+    return st == NULL ? NULL : start_wait(st, (BarrierCore *)op, args[0], placing);
+}
+
+
 static PyObject *
 BarrierCore_on_readable(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -1760,6 +2075,12 @@ static PyMethodDef BarrierCore_methods[] = {
      "_broken() -> None\n--\n\n"
      "A write to the peer failed: it can no longer be told anything, so both sides\n"
      "count as aborted (systemd makes this fatal); waiters are released (lock held)."},
+    {"_start_wait", FASTCALL(BarrierCore_start_wait), METH_FASTCALL,
+     "_start_wait(cond, place=False) -> bool | Waiter\n--\n\n"
+     "The first half of a wait for `cond`, under the lock: its result at once if no\n"
+     "wait is needed (`_verdict`), or a waiter parked on the queue (`park`). With\n"
+     "`place`, place() first in the same step (place_and_sync): False if that placed\n"
+     "nothing (either side aborted, or the write failed)."},
     {"_pump", BarrierCore_pump, METH_O,
      "_pump(cond) -> None\n--\n\n"
      "systemd's read loop, run once for everyone waiting now (lock held): read while\n"
@@ -2184,7 +2505,8 @@ waitc_exec(PyObject *module)
         (st->slot_type = add_type(module, &LoopSlot_spec)) == NULL ||
         (st->core_type = add_type(module, &Core_spec)) == NULL ||
         (st->barrier_type = add_type(module, &BarrierCore_spec)) == NULL ||
-        (st->completion_type = add_type(module, &CompletionCore_spec)) == NULL) {
+        (st->completion_type = add_type(module, &CompletionCore_spec)) == NULL ||
+        (st->wait_type = add_type(module, &Wait_spec)) == NULL) {
         return -1;
     }
     if ((st->get_running_loop = import_attr("asyncio", "get_running_loop")) == NULL ||
@@ -2205,7 +2527,9 @@ waitc_exec(PyObject *module)
         intern(&st->s_new_slot, "_new_slot") < 0 || intern(&st->s_register, "_register") < 0 ||
         intern(&st->s_unregister, "_unregister") < 0 ||
         intern(&st->s_reregister, "reregister") < 0 ||
-        intern(&st->s_wake_blockers, "wake_blockers") < 0) {
+        intern(&st->s_wake_blockers, "wake_blockers") < 0 ||
+        intern(&st->s_abandon, "abandon") < 0 || intern(&st->s_throw, "throw") < 0 ||
+        intern(&st->s_close, "close") < 0) {
         return -1;
     }
     if (PyModule_AddIntConstant(module, "PENDING", PENDING) < 0 ||
@@ -2222,6 +2546,7 @@ waitc_exec(PyObject *module)
     X(core_type)                                                                            \
     X(barrier_type)                                                                         \
     X(completion_type)                                                                      \
+    X(wait_type)                                                                            \
     X(get_running_loop)                                                                     \
     X(deque)                                                                                \
     X(set_result_soon)                                                                      \
@@ -2242,7 +2567,10 @@ waitc_exec(PyObject *module)
     X(s_register)                                                                           \
     X(s_unregister)                                                                         \
     X(s_reregister)                                                                         \
-    X(s_wake_blockers)
+    X(s_wake_blockers)                                                                      \
+    X(s_abandon)                                                                            \
+    X(s_throw)                                                                              \
+    X(s_close)
 
 static int
 waitc_traverse(PyObject *module, visitproc visit, void *arg)

@@ -137,13 +137,8 @@ class WaitQueue(Core[C, R]):
 
     # -- the waiting side -------------------------------------------------------------
 
-    async def wait(self, waiter: Waiter[C, R]) -> R:
-        """Wait for `waiter` to be released; on cancellation, leave nothing behind."""
-        try:
-            return await waiter.future
-        except BaseException:
-            self.abandon(waiter)
-            raise
+    # wait(waiter) is Core's, in C: await it to wait for `waiter` to be released; on any
+    # exception (cancellation, a timeout, the coroutine closed) it calls `abandon`.
 
     def abandon(self, waiter: Waiter[C, R]) -> None:
         """`waiter`'s task stopped waiting (cancelled, timed out, failed)."""
@@ -166,11 +161,7 @@ class WaitQueue(Core[C, R]):
         slot = waiter.slot
         loop = slot.loop
         while True:
-            try:
-                result = await waiter.future
-            except BaseException:
-                self.abandon(waiter)
-                raise
+            result = await self.wait(waiter)
             with self.lock:
                 if slot.woken is waiter:
                     slot.woken = None

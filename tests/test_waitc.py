@@ -113,3 +113,41 @@ async def test_completion_waits_still_go_through_the_c_core() -> None:
         c.complete()
         await asyncio.wait_for(task, 10)
         assert c._waitq.waiting == 0
+
+
+async def test_a_wait_closed_or_thrown_into_abandons_its_waiter() -> None:
+    # What a coroutine closed while it waits (say its loop is dropped), or one a
+    # cancellation is thrown into, leaves behind: nothing.
+    with Completion() as c:
+        queue = c._waitq
+        for how in ("close", "throw", "throw-after-start"):
+            with queue.lock:
+                waiter = queue.park(None)
+            assert queue.waiting == 1
+            wait: Any = queue.wait(waiter)
+            if how == "close":
+                wait.close()
+            elif how == "throw":
+                with pytest.raises(asyncio.CancelledError):
+                    wait.throw(asyncio.CancelledError())
+            else:
+                assert wait.send(None) is waiter.future  # what the task then awaits
+                with pytest.raises(asyncio.CancelledError):
+                    wait.throw(asyncio.CancelledError())
+            assert waiter.state == _waitc.ABANDONED
+            assert queue.waiting == 0
+            wait.close()  # again: nothing more to abandon
+            assert queue.waiting == 0
+
+
+async def test_a_finished_wait_cannot_be_awaited_again() -> None:
+    with Completion() as c:
+        queue = c._waitq
+        with queue.lock:
+            waiter = queue.park(None)
+        wait = queue.wait(waiter)
+        waiter.release(c._ring_all)
+        assert await wait is c._ring_all
+        with pytest.raises(RuntimeError, match="reuse"):
+            await wait
+        assert waiter.state == _waitc.RELEASED
