@@ -36,7 +36,9 @@
 #include <Python.h>
 
 #include <errno.h>
+#include <limits.h>
 #include <poll.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <string.h>
 #include <unistd.h>
@@ -68,6 +70,7 @@ typedef struct {
     PyTypeObject *barrier_type;
     PyTypeObject *completion_type;
     PyTypeObject *wait_type;
+    PyTypeObject *rlock_type;
     PyObject *get_running_loop; /* asyncio.get_running_loop */
     PyObject *deque;            /* collections.deque */
     PyObject *set_result_soon;  /* this module's _set_result, for another thread's loop */
@@ -105,6 +108,7 @@ get_state(PyObject *module)
 
 typedef struct {
     PyObject_HEAD
+    waitc_state *st; /* its module's state (the type, which it holds, holds the module) */
     PyObject *future;
     PyObject *cond;
     PyObject *slot; /* a LoopSlot */
@@ -113,6 +117,7 @@ typedef struct {
 
 typedef struct {
     PyObject_HEAD
+    waitc_state *st; /* its module's state (the type, which it holds, holds the module) */
     PyObject *queue; /* a Core */
     PyObject *loop;
     PyObject *waiters; /* collections.deque of Waiter, oldest first */
@@ -126,6 +131,7 @@ typedef struct {
 
 typedef struct {
     PyObject_HEAD
+    waitc_state *st; /* its module's state (the type, which it holds, holds the module) */
     PyObject *lock;
     PyObject *owner; /* weakref.ref to the primitive */
     PyObject *slots; /* dict: loop -> LoopSlot */
@@ -139,6 +145,7 @@ typedef struct {
 
 typedef struct {
     PyObject_HEAD
+    waitc_state *st; /* its module's state (the type, which it holds, holds the module) */
     PyObject *waitq; /* a Core */
     long long barriers;
     int me;
@@ -152,6 +159,7 @@ typedef struct {
 
 typedef struct {
     PyObject_HEAD
+    waitc_state *st; /* its module's state (the type, which it holds, holds the module) */
     PyObject *ring_turn; /* what a waiter woken by `count` is handed */
     PyObject *ring_all;  /* what every waiter is handed while `all` is set */
     int count;
@@ -160,17 +168,39 @@ typedef struct {
 
 typedef struct {
     PyObject_HEAD
+    waitc_state *st; /* its module's state (the type, which it holds, holds the module) */
     PyObject *queue;  /* a Core */
     PyObject *waiter; /* a Waiter */
     PyObject *inner;  /* the future's __await__() iterator, once started; NULL before */
     char over;        /* returned or raised: nothing more to abandon */
 } Wait;
 
-/* The module state from an object of one of this module's types (or a subclass). */
+typedef struct {
+    PyObject_HEAD
+    waitc_state *st;
+    PyThread_type_lock lock;
+    _Atomic unsigned long owner; /* the thread holding it, 0: none */
+    unsigned long count;         /* how many times its owner acquired it */
+} RLock;
+
+/* What every object of this module's types starts with. */
+typedef struct {
+    PyObject_HEAD
+    waitc_state *st;
+} Object;
+
+/* The module state of an object of one of this module's types (or a subclass). */
 static inline waitc_state *
 state_of(PyObject *self)
 {
-    PyObject *module = PyType_GetModuleByDef(Py_TYPE(self), &waitc_module);
+    return ((Object *)self)->st;
+}
+
+/* The module state for a new object of `type` (or a subclass), or NULL with an error. */
+static waitc_state *
+state_for(PyTypeObject *type)
+{
+    PyObject *module = PyType_GetModuleByDef(type, &waitc_module);
     return module == NULL ? NULL : get_state(module);
 }
 
@@ -452,6 +482,7 @@ new_waiter(waitc_state *st, PyObject *future, PyObject *cond, PyObject *slot)
     if (w == NULL) {
         return NULL;
     }
+    w->st = st;
     w->future = Py_NewRef(future);
     w->cond = Py_NewRef(cond);
     w->slot = Py_NewRef(slot);
@@ -671,6 +702,7 @@ LoopSlot_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         Py_DECREF(waiters);
         return NULL;
     }
+    self->st = st;
     self->queue = Py_NewRef(queue);
     self->loop = Py_NewRef(loop);
     self->waiters = waiters;
@@ -776,6 +808,155 @@ static PyType_Spec LoopSlot_spec = {
     .basicsize = sizeof(LoopSlot),
     .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE,
     .slots = LoopSlot_slots,
+};
+
+/* ---------------------------------------------------------------------------------
+ * RLock: the queue's re-entrant lock, taken from C without a Python call
+ * --------------------------------------------------------------------------------- */
+
+/* Acquire (blocking, re-entrant): 0, or -1 with an error set. The wait, if any, runs
+ * without the GIL; it is not interrupted by signals (the lock is held only briefly). */
+static int
+rlock_enter(RLock *self)
+{
+    unsigned long me = PyThread_get_thread_ident();
+    if (atomic_load_explicit(&self->owner, memory_order_relaxed) == me) {
+        if (self->count == ULONG_MAX) {
+            PyErr_SetString(PyExc_OverflowError, "the lock was acquired too many times");
+            return -1;
+        }
+        self->count += 1;
+        return 0;
+    }
+    if (!PyThread_acquire_lock(self->lock, NOWAIT_LOCK)) {
+        Py_BEGIN_ALLOW_THREADS
+        (void)PyThread_acquire_lock(self->lock, WAIT_LOCK);
+        Py_END_ALLOW_THREADS
+    }
+    atomic_store_explicit(&self->owner, me, memory_order_relaxed);
+    self->count = 1;
+    return 0;
+}
+
+static int
+rlock_exit(RLock *self)
+{
+    if (atomic_load_explicit(&self->owner, memory_order_relaxed) !=
+            PyThread_get_thread_ident() ||
+        self->count == 0) {
+        PyErr_SetString(PyExc_RuntimeError, "cannot release un-acquired lock");
+        return -1;
+    }
+    self->count -= 1;
+    if (self->count == 0) {
+        atomic_store_explicit(&self->owner, 0, memory_order_relaxed);
+        PyThread_release_lock(self->lock);
+    }
+    return 0;
+}
+
+static PyObject *
+RLock_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    if (PyTuple_GET_SIZE(args) != 0 || (kwds != NULL && PyDict_GET_SIZE(kwds) != 0)) {
+        PyErr_SetString(PyExc_TypeError, "RLock() takes no arguments");
+        return NULL;
+    }
+    waitc_state *st = state_for(type);
+    if (st == NULL) {
+        return NULL;
+    }
+    RLock *self = (RLock *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->st = st;
+    self->lock = PyThread_allocate_lock();
+    atomic_store_explicit(&self->owner, 0, memory_order_relaxed);
+    self->count = 0;
+    if (self->lock == NULL) {
+        Py_DECREF(self);
+        PyErr_SetString(PyExc_MemoryError, "cannot allocate a lock");
+        return NULL;
+    }
+    return (PyObject *)self;
+}
+
+static void
+RLock_dealloc(PyObject *op)
+{
+    RLock *self = (RLock *)op;
+    PyTypeObject *tp = Py_TYPE(op);
+    if (self->lock != NULL) {
+        if (self->count) {
+            PyThread_release_lock(self->lock);
+        }
+        PyThread_free_lock(self->lock);
+    }
+    tp->tp_free(op);
+    Py_DECREF(tp);
+}
+
+static PyObject *
+RLock_acquire(PyObject *op, PyObject *Py_UNUSED(ignored))
+{
+    if (rlock_enter((RLock *)op) < 0) {
+        return NULL;
+    }
+    Py_RETURN_TRUE;
+}
+
+static PyObject *
+RLock_release(PyObject *op, PyObject *Py_UNUSED(ignored))
+{
+    if (rlock_exit((RLock *)op) < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+RLock_exit(PyObject *op, PyObject *const *Py_UNUSED(args), Py_ssize_t Py_UNUSED(nargs))
+{
+    return RLock_release(op, NULL);
+}
+
+static PyObject *
+RLock_is_owned(PyObject *op, PyObject *Py_UNUSED(ignored))
+{
+    RLock *self = (RLock *)op;
+    return PyBool_FromLong(atomic_load_explicit(&self->owner, memory_order_relaxed) ==
+                               PyThread_get_thread_ident() &&
+                           self->count > 0);
+}
+
+static PyMethodDef RLock_methods[] = {
+    {"acquire", RLock_acquire, METH_NOARGS,
+     "acquire() -> True\n--\n\nAcquire the lock (again, if this thread holds it); blocks."},
+    {"release", RLock_release, METH_NOARGS,
+     "release() -> None\n--\n\nRelease it once (RuntimeError if this thread does not hold it)."},
+    {"__enter__", RLock_acquire, METH_NOARGS, "__enter__() -> True\n--\n\nacquire()."},
+    {"__exit__", FASTCALL(RLock_exit), METH_FASTCALL, "__exit__(*exc) -> None\n--\n\nrelease()."},
+    {"_is_owned", RLock_is_owned, METH_NOARGS,
+     "_is_owned() -> bool\n--\n\nThis thread holds it."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot RLock_slots[] = {
+    {Py_tp_doc, (void *)PyDoc_STR("RLock()\n--\n\n"
+                                  "A re-entrant lock, as threading.RLock, that the wait core's C\n"
+                                  "code takes without a Python call.")},
+    {Py_tp_new, FUNC(RLock_new)},
+    {Py_tp_dealloc, FUNC(RLock_dealloc)},
+    {Py_tp_methods, RLock_methods},
+    {0, NULL},
+};
+
+static PyType_Spec RLock_spec = {
+    .name = "aiosync._waitc.RLock",
+    .basicsize = sizeof(RLock),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = RLock_slots,
 };
 
 /* ---------------------------------------------------------------------------------
@@ -930,10 +1111,15 @@ Core_dealloc(PyObject *op)
 static PyObject *
 Core_new(PyTypeObject *type, PyObject *Py_UNUSED(args), PyObject *Py_UNUSED(kwds))
 {
+    waitc_state *st = state_for(type);
+    if (st == NULL) {
+        return NULL;
+    }
     Core *self = (Core *)type->tp_alloc(type, 0);
     if (self == NULL) {
         return NULL;
     }
+    self->st = st;
     self->lock = Py_NewRef(Py_None);
     self->owner = Py_NewRef(Py_None);
     self->closed_error = Py_NewRef(Py_None);
@@ -1385,6 +1571,7 @@ Core_wait(PyObject *op, PyObject *waiter)
     if (self == NULL) {
         return NULL;
     }
+    self->st = st;
     self->queue = Py_NewRef(op);
     self->waiter = Py_NewRef(waiter);
     self->inner = NULL;
@@ -1473,6 +1660,9 @@ poll_now(int fd, short events)
 static int
 lock_acquire(waitc_state *st, PyObject *lock)
 {
+    if (Py_IS_TYPE(lock, st->rlock_type)) {
+        return rlock_enter((RLock *)lock);
+    }
     return do_method0(lock, st->s_acquire);
 }
 
@@ -1480,6 +1670,10 @@ lock_acquire(waitc_state *st, PyObject *lock)
 static int
 lock_release(waitc_state *st, PyObject *lock)
 {
+    if (Py_IS_TYPE(lock, st->rlock_type)) {
+        int rc = rlock_exit((RLock *)lock);
+        return PyErr_Occurred() ? -1 : rc;
+    }
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);
     int rc = do_method0(lock, st->s_release);
@@ -1653,10 +1847,15 @@ BarrierCore_dealloc(PyObject *op)
 static PyObject *
 BarrierCore_new(PyTypeObject *type, PyObject *Py_UNUSED(args), PyObject *Py_UNUSED(kwds))
 {
+    waitc_state *st = state_for(type);
+    if (st == NULL) {
+        return NULL;
+    }
     BarrierCore *self = (BarrierCore *)type->tp_alloc(type, 0);
     if (self == NULL) {
         return NULL;
     }
+    self->st = st;
     self->waitq = Py_NewRef(Py_None);
     self->me = self->them = self->pipe_r = self->pipe_w = -1;
     return (PyObject *)self;
@@ -2178,10 +2377,15 @@ CompletionCore_dealloc(PyObject *op)
 static PyObject *
 CompletionCore_new(PyTypeObject *type, PyObject *Py_UNUSED(args), PyObject *Py_UNUSED(kwds))
 {
+    waitc_state *st = state_for(type);
+    if (st == NULL) {
+        return NULL;
+    }
     CompletionCore *self = (CompletionCore *)type->tp_alloc(type, 0);
     if (self == NULL) {
         return NULL;
     }
+    self->st = st;
     self->ring_turn = Py_NewRef(Py_None);
     self->ring_all = Py_NewRef(Py_None);
     self->count = self->all = -1;
@@ -2506,7 +2710,8 @@ waitc_exec(PyObject *module)
         (st->core_type = add_type(module, &Core_spec)) == NULL ||
         (st->barrier_type = add_type(module, &BarrierCore_spec)) == NULL ||
         (st->completion_type = add_type(module, &CompletionCore_spec)) == NULL ||
-        (st->wait_type = add_type(module, &Wait_spec)) == NULL) {
+        (st->wait_type = add_type(module, &Wait_spec)) == NULL ||
+        (st->rlock_type = add_type(module, &RLock_spec)) == NULL) {
         return -1;
     }
     if ((st->get_running_loop = import_attr("asyncio", "get_running_loop")) == NULL ||
@@ -2547,6 +2752,7 @@ waitc_exec(PyObject *module)
     X(barrier_type)                                                                         \
     X(completion_type)                                                                      \
     X(wait_type)                                                                            \
+    X(rlock_type)                                                                           \
     X(get_running_loop)                                                                     \
     X(deque)                                                                                \
     X(set_result_soon)                                                                      \

@@ -1,7 +1,6 @@
 """Type stub of the C extension aiosync/_waitc.c (the wait core's per-event half)."""
 
 import asyncio
-import threading
 import weakref
 from collections import deque
 from collections.abc import Callable, Generator
@@ -50,8 +49,15 @@ class Wait(Generic[R]):
     def throw(self, exc: BaseException, /) -> Any: ...
     def close(self) -> None: ...
 
+class RLock:
+    def acquire(self) -> bool: ...
+    def release(self) -> None: ...
+    def __enter__(self) -> bool: ...
+    def __exit__(self, *exc: object) -> None: ...
+    def _is_owned(self) -> bool: ...
+
 class Core(Generic[C, R]):
-    lock: threading.RLock
+    lock: RLock
     waiting: int
     turns: int
     blockers: dict[int, int]

@@ -72,7 +72,7 @@ from typing import Any, Protocol, TypeVar
 
 from . import _fd
 from ._errors import ClosedResourceError
-from ._waitc import ABANDONED, PENDING, RELEASED, Core, LoopSlot, Waiter, dispatch
+from ._waitc import ABANDONED, PENDING, RELEASED, Core, LoopSlot, RLock, Waiter, dispatch
 
 __all__ = ["ABANDONED", "PENDING", "RELEASED", "LoopSlot", "Owner", "WaitQueue", "Waiter"]
 
@@ -116,8 +116,9 @@ class WaitQueue(Core[C, R]):
     def __init__(self, owner: Owner, closed_error: Callable[[], ClosedResourceError]) -> None:
         # Re-entrant: a pending task of a closed loop that is garbage-collected while
         # this thread holds the lock (an allocation can trigger the collector anywhere)
-        # closes its coroutine, which abandons its waiter under the lock again.
-        self.lock = threading.RLock()
+        # closes its coroutine, which abandons its waiter under the lock again. The C
+        # code takes it without a Python call.
+        self.lock = RLock()
         self._owner = weakref.ref(owner)
         self._closed_error = closed_error
         # And from Core: _fds = (), _slots = {} (loop -> LoopSlot), _closed = False,
@@ -320,7 +321,7 @@ class WaitQueue(Core[C, R]):
             countdown.done()
 
     def _after_fork(self) -> None:
-        self.lock = threading.RLock()
+        self.lock = RLock()
         self._slots = {}
         self.waiting = self.turns = 0
         for wake in self.blockers.values():  # the parent's threads are not here

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import threading
 import weakref
 from pathlib import Path
 from typing import Any
@@ -151,3 +152,35 @@ async def test_a_finished_wait_cannot_be_awaited_again() -> None:
         with pytest.raises(RuntimeError, match="reuse"):
             await wait
         assert waiter.state == _waitc.RELEASED
+
+
+def test_the_queue_lock_is_reentrant_and_owned() -> None:
+    lock = _waitc.RLock()
+    assert not lock._is_owned()
+    with lock, lock:  # re-entrant, as a pending task's cleanup under the lock needs
+        assert lock._is_owned()
+        owned_elsewhere: list[bool] = []
+        thread = threading.Thread(target=lambda: owned_elsewhere.append(lock._is_owned()))
+        thread.start()
+        thread.join()
+        assert owned_elsewhere == [False]
+    assert not lock._is_owned()
+    with pytest.raises(RuntimeError, match="un-acquired"):
+        lock.release()
+
+
+def test_the_queue_lock_excludes_other_threads() -> None:
+    lock = _waitc.RLock()
+    got = threading.Event()
+    lock.acquire()
+
+    def take() -> None:
+        with lock:
+            got.set()
+
+    thread = threading.Thread(target=take)
+    thread.start()
+    assert not got.wait(0.2)  # blocked while this thread holds it
+    lock.release()
+    assert got.wait(10)
+    thread.join()
