@@ -969,29 +969,29 @@ static Waiter *
 first(waitc_state *st, LoopSlot *slot)
 {
     for (;;) {
-        PyObject *waiters = slot->waiters;
+        PyObject *waiters = Py_NewRef(slot->waiters);
         Py_ssize_t n = PySequence_Size(waiters);
-        if (n <= 0) {
-            return NULL;
-        }
-        Waiter *w = (Waiter *)PySequence_GetItem(waiters, 0);
+        Waiter *w = n > 0 ? (Waiter *)PySequence_GetItem(waiters, 0) : NULL;
         if (w == NULL) {
-            return NULL;
+            Py_DECREF(waiters);
+            return NULL; /* none, or an error (set) */
         }
         int ok = alive(st, w);
+        if (ok == 0 && (do_method0(waiters, st->s_popleft) < 0 || settle(st, w) < 0)) {
+            ok = -1;
+        }
+        Py_DECREF(waiters);
         if (ok != 0) {
             if (ok < 0) {
                 Py_CLEAR(w);
             }
             return w;
         }
-        if (do_method0(waiters, st->s_popleft) < 0 || settle(st, w) < 0) {
-            Py_DECREF(w);
-            return NULL;
-        }
         Py_DECREF(w);
     }
 }
+
+static PyObject *pending_settled(waitc_state *st, LoopSlot *slot);
 
 /* All pending waiters of `slot`, oldest first, as a new list; dead ones are dropped. */
 static PyObject *
@@ -1000,6 +1000,31 @@ pending(waitc_state *st, LoopSlot *slot)
     if (!slot->live) { /* nothing to hand out here; dead ones go with the next hand-out */
         return PyList_New(0);
     }
+    PyObject *waiters = Py_NewRef(slot->waiters);
+    if (PySequence_Size(waiters) == 1) { /* the usual case, without a copy */
+        Waiter *w = (Waiter *)PySequence_GetItem(waiters, 0);
+        int ok = w == NULL ? -1 : alive(st, w);
+        Py_DECREF(waiters);
+        if (ok <= 0) {
+            Py_XDECREF(w);
+            return ok < 0 ? NULL : pending_settled(st, slot);
+        }
+        PyObject *living = PyList_New(1);
+        if (living == NULL) {
+            Py_DECREF(w);
+            return NULL;
+        }
+        PyList_SET_ITEM(living, 0, (PyObject *)w);
+        return living;
+    }
+    Py_DECREF(waiters);
+    return pending_settled(st, slot);
+}
+
+/* pending(), the general case: every waiter checked, the dead ones dropped. */
+static PyObject *
+pending_settled(waitc_state *st, LoopSlot *slot)
+{
     PyObject *waiters = Py_NewRef(slot->waiters);
     PyObject *all = PySequence_List(waiters);
     if (all == NULL) {
@@ -1919,13 +1944,17 @@ wake(waitc_state *st, BarrierCore *self)
     if (!queue->waiting) {
         return 0;
     }
-    PyObject *slots = PyDict_Values(queue->slots);
-    if (slots == NULL) {
-        return -1;
-    }
+    /* Releasing runs Python code (a future's callbacks are scheduled), which never adds
+     * or removes a slot; should the dict change all the same, an entry seen twice has
+     * no pending waiter left, and the slot is held while it is used. */
+    PyObject *slots = Py_NewRef(queue->slots);
+    Py_ssize_t pos = 0;
+    PyObject *key, *slot;
     int rc = 0;
-    for (Py_ssize_t i = 0; rc == 0 && i < PyList_GET_SIZE(slots); i++) {
-        PyObject *living = pending(st, (LoopSlot *)PyList_GET_ITEM(slots, i));
+    while (rc == 0 && PyDict_Next(slots, &pos, &key, &slot)) {
+        Py_INCREF(slot);
+        PyObject *living = pending(st, (LoopSlot *)slot);
+        Py_DECREF(slot);
         if (living == NULL) {
             rc = -1;
             break;
