@@ -73,6 +73,14 @@ typedef struct {
     PyTypeObject *rlock_type;
     PyObject *get_running_loop; /* asyncio.get_running_loop */
     PyObject *deque;            /* collections.deque */
+    /* Methods of asyncio.Future and collections.deque, called directly on objects of
+     * exactly those types (no lookup in the type and the instance's dict per call). */
+    PyObject *future_type;
+    PyObject *future_done;
+    PyObject *future_set_result;
+    PyObject *future_set_exception;
+    PyObject *deque_append;
+    PyObject *deque_popleft;
     PyObject *set_result_soon;  /* this module's _set_result, for another thread's loop */
     PyObject *set_exception_soon;
     /* interned method names */
@@ -229,6 +237,17 @@ call_method2(PyObject *self, PyObject *name, PyObject *a, PyObject *b)
     return PyObject_VectorcallMethod(name, args, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
 }
 
+/* self.name(*args[1:]) (args[0] is self), through `method` (the type's own function)
+ * when self is exactly of `type`. */
+static PyObject *
+call_known(PyObject *type, PyObject *method, PyObject *name, PyObject **args, size_t n)
+{
+    if ((PyObject *)Py_TYPE(args[0]) == type) {
+        return PyObject_Vectorcall(method, args, n, NULL);
+    }
+    return PyObject_VectorcallMethod(name, args, n | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+}
+
 /* Call a method for its effect only: 0, or -1 with an exception set. */
 static int
 do_method0(PyObject *self, PyObject *name)
@@ -250,7 +269,8 @@ do_method1(PyObject *self, PyObject *name, PyObject *arg)
 static int
 future_done(waitc_state *st, PyObject *future)
 {
-    PyObject *r = call_method0(future, st->s_done);
+    PyObject *args[] = {future};
+    PyObject *r = call_known(st->future_type, st->future_done, st->s_done, args, 1);
     if (r == NULL) {
         return -1;
     }
@@ -372,7 +392,11 @@ resolve(waitc_state *st, Waiter *w, PyObject *value, int exception)
             Py_DECREF(future);
             return 0;
         }
-        r = call_method1(future, exception ? st->s_set_exception : st->s_set_result, value);
+        PyObject *args[] = {future, value};
+        r = exception ? call_known(st->future_type, st->future_set_exception,
+                                   st->s_set_exception, args, 2)
+                      : call_known(st->future_type, st->future_set_result, st->s_set_result,
+                                   args, 2);
     }
     else {
         PyObject *loop = Py_NewRef(slot->loop);
@@ -963,6 +987,16 @@ static PyType_Spec RLock_spec = {
  * The releasing side (lock held)
  * --------------------------------------------------------------------------------- */
 
+/* waiters.popleft(), for its effect: 0, or -1 with an error set. */
+static int
+popleft(waitc_state *st, PyObject *waiters)
+{
+    PyObject *args[] = {waiters};
+    PyObject *r = call_known(st->deque, st->deque_popleft, st->s_popleft, args, 1);
+    Py_XDECREF(r);
+    return r == NULL ? -1 : 0;
+}
+
 /* The oldest pending waiter of `slot` (dropping dead ones before it): a new reference,
  * or NULL: none (no error set) or an error (set). */
 static Waiter *
@@ -977,7 +1011,7 @@ first(waitc_state *st, LoopSlot *slot)
             return NULL; /* none, or an error (set) */
         }
         int ok = alive(st, w);
-        if (ok == 0 && (do_method0(waiters, st->s_popleft) < 0 || settle(st, w) < 0)) {
+        if (ok == 0 && (popleft(st, waiters) < 0 || settle(st, w) < 0)) {
             ok = -1;
         }
         Py_DECREF(waiters);
@@ -1077,7 +1111,7 @@ ring(waitc_state *st, LoopSlot *slot, PyObject *result)
         return PyErr_Occurred() ? -1 : 0;
     }
     Core *queue = queue_of_slot(slot);
-    if (do_method0(slot->waiters, st->s_popleft) < 0) {
+    if (popleft(st, slot->waiters) < 0) {
         Py_DECREF(w);
         return -1;
     }
@@ -1303,7 +1337,10 @@ Core_park(PyObject *op, PyObject *cond)
         return NULL;
     }
     LoopSlot *s = (LoopSlot *)slot;
-    if (do_method1(s->waiters, st->s_append, (PyObject *)w) < 0) {
+    PyObject *args[] = {s->waiters, (PyObject *)w};
+    PyObject *appended = call_known(st->deque, st->deque_append, st->s_append, args, 2);
+    Py_XDECREF(appended);
+    if (appended == NULL) {
         goto error;
     }
     s->live += 1;
@@ -2745,6 +2782,14 @@ waitc_exec(PyObject *module)
     }
     if ((st->get_running_loop = import_attr("asyncio", "get_running_loop")) == NULL ||
         (st->deque = import_attr("collections", "deque")) == NULL ||
+        (st->future_type = import_attr("asyncio", "Future")) == NULL ||
+        (st->future_done = PyObject_GetAttrString(st->future_type, "done")) == NULL ||
+        (st->future_set_result = PyObject_GetAttrString(st->future_type, "set_result")) ==
+            NULL ||
+        (st->future_set_exception = PyObject_GetAttrString(st->future_type, "set_exception")) ==
+            NULL ||
+        (st->deque_append = PyObject_GetAttrString(st->deque, "append")) == NULL ||
+        (st->deque_popleft = PyObject_GetAttrString(st->deque, "popleft")) == NULL ||
         (st->set_result_soon = PyObject_GetAttrString(module, "_set_result")) == NULL ||
         (st->set_exception_soon = PyObject_GetAttrString(module, "_set_exception")) == NULL) {
         return -1;
@@ -2784,6 +2829,12 @@ waitc_exec(PyObject *module)
     X(rlock_type)                                                                           \
     X(get_running_loop)                                                                     \
     X(deque)                                                                                \
+    X(future_type)                                                                          \
+    X(future_done)                                                                          \
+    X(future_set_result)                                                                    \
+    X(future_set_exception)                                                                 \
+    X(deque_append)                                                                         \
+    X(deque_popleft)                                                                        \
     X(set_result_soon)                                                                      \
     X(set_exception_soon)                                                                   \
     X(s_acquire)                                                                            \
