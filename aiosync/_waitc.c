@@ -178,8 +178,10 @@ typedef struct {
     PyObject_HEAD
     waitc_state *st; /* its module's state (the type, which it holds, holds the module) */
     PyObject *queue;  /* a Core */
-    PyObject *waiter; /* a Waiter */
+    PyObject *waiter; /* a Waiter; NULL until a wait_turn() parks it */
     PyObject *inner;  /* the future's __await__() iterator, once started; NULL before */
+    PyObject *cond;   /* wait_turn(): what it waits for (parked at the first send) */
+    PyObject *take;   /* wait_turn(): take(result) in the woken task; NULL for wait() */
     char over;        /* returned or raised: nothing more to abandon */
 } Wait;
 
@@ -983,6 +985,36 @@ static PyType_Spec RLock_spec = {
     .slots = RLock_slots,
 };
 
+static int
+lock_acquire(waitc_state *st, PyObject *lock)
+{
+    if (Py_IS_TYPE(lock, st->rlock_type)) {
+        return rlock_enter((RLock *)lock);
+    }
+    return do_method0(lock, st->s_acquire);
+}
+
+/* Release the lock, keeping any exception already set. */
+static int
+lock_release(waitc_state *st, PyObject *lock)
+{
+    if (Py_IS_TYPE(lock, st->rlock_type)) {
+        int rc = rlock_exit((RLock *)lock);
+        return PyErr_Occurred() ? -1 : rc;
+    }
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    int rc = do_method0(lock, st->s_release);
+    if (type != NULL) {
+        if (rc < 0) {
+            PyErr_Clear();
+        }
+        PyErr_Restore(type, value, tb);
+        return -1;
+    }
+    return rc;
+}
+
 /* ---------------------------------------------------------------------------------
  * The releasing side (lock held)
  * --------------------------------------------------------------------------------- */
@@ -1284,6 +1316,18 @@ check_slot(waitc_state *st, PyObject *slot)
     return (LoopSlot *)slot;
 }
 
+/* Raise the primitive's ClosedResourceError (its queue was closed). */
+static PyObject *
+raise_closed_error(Core *queue)
+{
+    PyObject *exc = PyObject_CallNoArgs(queue->closed_error);
+    if (exc != NULL) {
+        PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+        Py_DECREF(exc);
+    }
+    return NULL;
+}
+
 static PyObject *
 Core_park(PyObject *op, PyObject *cond)
 {
@@ -1293,12 +1337,7 @@ Core_park(PyObject *op, PyObject *cond)
         return NULL;
     }
     if (self->closed) {
-        PyObject *exc = PyObject_CallNoArgs(self->closed_error);
-        if (exc != NULL) {
-            PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
-            Py_DECREF(exc);
-        }
-        return NULL;
+        return raise_closed_error(self);
     }
     PyObject *loop = PyObject_CallNoArgs(st->get_running_loop);
     if (loop == NULL) {
@@ -1404,6 +1443,9 @@ static void
 wait_abandon(waitc_state *st, Wait *self)
 {
     self->over = 1;
+    if (self->waiter == NULL) { /* a wait_turn() that never parked: nothing to give back */
+        return;
+    }
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);
     PyObject *r = call_method1(self->queue, st->s_abandon, self->waiter);
@@ -1414,30 +1456,22 @@ wait_abandon(waitc_state *st, Wait *self)
     PyErr_Restore(type, value, tb);
 }
 
-/* What the inner iterator gave: a value to yield (returned), or its end (NULL): its
- * result as StopIteration, or its exception, after which the waiter is abandoned. */
+/* End the iteration with `result` (StopIteration); steals it. */
 static PyObject *
-wait_outcome(waitc_state *st, Wait *self, PySendResult sent, PyObject *result)
+wait_return(Wait *self, PyObject *result)
 {
-    if (sent == PYGEN_NEXT) {
-        return result;
+    self->over = 1;
+    if (result == Py_None) {
+        PyErr_SetNone(PyExc_StopIteration);
     }
-    if (sent == PYGEN_RETURN) {
-        self->over = 1;
-        if (result == Py_None) {
-            PyErr_SetNone(PyExc_StopIteration);
+    else {
+        PyObject *stop = PyObject_CallOneArg(PyExc_StopIteration, result);
+        if (stop != NULL) {
+            PyErr_SetObject(PyExc_StopIteration, stop);
+            Py_DECREF(stop);
         }
-        else {
-            PyObject *stop = PyObject_CallOneArg(PyExc_StopIteration, result);
-            if (stop != NULL) {
-                PyErr_SetObject(PyExc_StopIteration, stop);
-                Py_DECREF(stop);
-            }
-        }
-        Py_DECREF(result);
-        return NULL;
     }
-    wait_abandon(st, self);
+    Py_DECREF(result);
     return NULL;
 }
 
@@ -1457,25 +1491,123 @@ wait_start(Wait *self)
     return self->inner == NULL ? -1 : 0;
 }
 
+/* wait_turn(): the woken waiter's turn, in its task, under the lock: 1 it took (the
+ * wait is over), 0 it found nothing and waits again first in its loop's line, -1 with
+ * an error (the queue was closed, or take() raised). */
+static int
+turn(waitc_state *st, Wait *self, PyObject *result)
+{
+    Core *queue = (Core *)self->queue;
+    Waiter *w = (Waiter *)self->waiter;
+    LoopSlot *slot = (LoopSlot *)Py_NewRef(w->slot);
+    PyObject *lock = Py_NewRef(queue->lock);
+    int rc = -1;
+    if (lock_acquire(st, lock) < 0) {
+        goto done;
+    }
+    if (slot->woken == (PyObject *)w) {
+        Py_SETREF(slot->woken, Py_NewRef(Py_None));
+        queue->turns -= 1;
+    }
+    if (queue->closed) {
+        raise_closed_error(queue);
+    }
+    else {
+        PyObject *taken = PyObject_CallOneArg(self->take, result);
+        int ok = taken == NULL ? -1 : PyObject_IsTrue(taken);
+        Py_XDECREF(taken);
+        if (ok > 0) {
+            slot->stale = slot->stale_events;
+            rc = 1;
+        }
+        else if (ok == 0) {
+            /* Another process was faster: wait again, first in line. */
+            PyObject *future = call_method0(slot->loop, st->s_create_future);
+            if (future != NULL) {
+                Py_SETREF(w->future, future);
+                w->state = PENDING;
+                if (do_method1(slot->waiters, st->s_appendleft, (PyObject *)w) == 0) {
+                    slot->live += 1;
+                    queue->waiting += 1;
+                    rc = 0;
+                    if (!slot->registered &&
+                        do_method1((PyObject *)queue, st->s_register, (PyObject *)slot) < 0) {
+                        rc = -1;
+                    }
+                }
+            }
+        }
+    }
+    if (lock_release(st, lock) < 0) {
+        rc = -1;
+    }
+done:
+    Py_DECREF(lock);
+    Py_DECREF(slot);
+    return rc;
+}
+
+/* wait_turn(): park its waiter at the first send, under the lock. */
+static int
+wait_park(waitc_state *st, Wait *self)
+{
+    Core *queue = (Core *)self->queue;
+    PyObject *lock = Py_NewRef(queue->lock);
+    if (lock_acquire(st, lock) < 0) {
+        Py_DECREF(lock);
+        return -1;
+    }
+    PyObject *w = Core_park(self->queue, self->cond);
+    if (lock_release(st, lock) < 0) {
+        Py_CLEAR(w);
+    }
+    Py_DECREF(lock);
+    if (w == NULL) {
+        return -1;
+    }
+    self->waiter = w;
+    return 0;
+}
+
 static PyObject *
 Wait_send(PyObject *op, PyObject *value)
 {
     Wait *self = (Wait *)op;
     waitc_state *st = state_of(op);
-    if (st == NULL) {
-        return NULL;
-    }
     if (self->over) {
         PyErr_SetString(PyExc_RuntimeError, "cannot reuse an awaited wait");
         return NULL;
     }
-    if (wait_start(self) < 0) {
-        wait_abandon(st, self);
+    if (self->waiter == NULL && wait_park(st, self) < 0) {
+        self->over = 1;
         return NULL;
     }
-    PyObject *result = NULL;
-    PySendResult sent = PyIter_Send(self->inner, value, &result);
-    return wait_outcome(st, self, sent, result);
+    for (;;) {
+        if (wait_start(self) < 0) {
+            wait_abandon(st, self);
+            return NULL;
+        }
+        PyObject *result = NULL;
+        PySendResult sent = PyIter_Send(self->inner, value, &result);
+        if (sent == PYGEN_NEXT) {
+            return result;
+        }
+        if (sent == PYGEN_ERROR) {
+            wait_abandon(st, self);
+            return NULL;
+        }
+        if (self->take == NULL) {
+            return wait_return(self, result);
+        }
+        Py_CLEAR(self->inner);
+        int rc = turn(st, self, result);
+        Py_DECREF(result);
+        if (rc != 0) {
+            self->over = 1;
+            return rc < 0 ? NULL : wait_return(self, Py_NewRef(Py_None));
+        }
+        value = Py_None; /* parked again: await the new future */
+    }
 }
 
 static PyObject *
@@ -1489,14 +1621,10 @@ Wait_throw(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
 {
     Wait *self = (Wait *)op;
     waitc_state *st = state_of(op);
-    if (st == NULL) {
-        return NULL;
-    }
     if (nargs < 1 || nargs > 3) {
         PyErr_SetString(PyExc_TypeError, "throw() takes 1 to 3 arguments");
         return NULL;
     }
-    PyObject *result;
     if (self->inner == NULL || self->over) {
         /* Not started (or over): raise it here, as a coroutine would at its start. */
         PyObject *thrown = args[0];
@@ -1515,14 +1643,13 @@ Wait_throw(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
     for (Py_ssize_t i = 0; i < nargs; i++) {
         call[i + 1] = args[i];
     }
-    result = PyObject_VectorcallMethod(st->s_throw, call,
-                                       (size_t)(nargs + 1) | PY_VECTORCALL_ARGUMENTS_OFFSET,
-                                       NULL);
+    PyObject *result = PyObject_VectorcallMethod(
+        st->s_throw, call, (size_t)(nargs + 1) | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
     if (result != NULL) {
         return result;
     }
-    if (PyErr_ExceptionMatches(PyExc_StopIteration)) {
-        self->over = 1;
+    if (PyErr_ExceptionMatches(PyExc_StopIteration) && self->take == NULL) {
+        self->over = 1; /* the future was done meanwhile: its result is the wait's */
         return NULL;
     }
     wait_abandon(st, self);
@@ -1534,19 +1661,18 @@ Wait_close(PyObject *op, PyObject *Py_UNUSED(ignored))
 {
     Wait *self = (Wait *)op;
     waitc_state *st = state_of(op);
-    if (st == NULL) {
-        return NULL;
-    }
     if (self->inner != NULL && do_method0(self->inner, st->s_close) < 0) {
         PyErr_Clear();
     }
     if (!self->over) {
         self->over = 1;
-        PyObject *r = call_method1(self->queue, st->s_abandon, self->waiter);
-        if (r == NULL) {
-            return NULL;
+        if (self->waiter != NULL) {
+            PyObject *r = call_method1(self->queue, st->s_abandon, self->waiter);
+            if (r == NULL) {
+                return NULL;
+            }
+            Py_DECREF(r);
         }
-        Py_DECREF(r);
     }
     Py_RETURN_NONE;
 }
@@ -1565,6 +1691,8 @@ Wait_traverse(PyObject *op, visitproc visit, void *arg)
     Py_VISIT(self->queue);
     Py_VISIT(self->waiter);
     Py_VISIT(self->inner);
+    Py_VISIT(self->cond);
+    Py_VISIT(self->take);
     return 0;
 }
 
@@ -1575,6 +1703,8 @@ Wait_clear(PyObject *op)
     Py_CLEAR(self->queue);
     Py_CLEAR(self->waiter);
     Py_CLEAR(self->inner);
+    Py_CLEAR(self->cond);
+    Py_CLEAR(self->take);
     return 0;
 }
 
@@ -1618,31 +1748,58 @@ static PyType_Spec Wait_spec = {
     .slots = Wait_slots,
 };
 
-static PyObject *
-Core_wait(PyObject *op, PyObject *waiter)
+static Wait *
+new_wait(waitc_state *st, PyObject *queue, PyObject *waiter, PyObject *cond, PyObject *take)
 {
-    waitc_state *st = state_of(op);
-    if (st == NULL) {
-        return NULL;
-    }
-    if (!Py_IS_TYPE(waiter, st->waiter_type)) {
-        PyErr_SetString(PyExc_TypeError, "wait(waiter): expected a Waiter");
-        return NULL;
-    }
     Wait *self = PyObject_GC_New(Wait, st->wait_type);
     if (self == NULL) {
         return NULL;
     }
     self->st = st;
-    self->queue = Py_NewRef(op);
-    self->waiter = Py_NewRef(waiter);
+    self->queue = Py_NewRef(queue);
+    self->waiter = Py_XNewRef(waiter);
     self->inner = NULL;
+    self->cond = Py_XNewRef(cond);
+    self->take = Py_XNewRef(take);
     self->over = 0;
     PyObject_GC_Track(self);
-    return (PyObject *)self;
+    return self;
+}
+
+static PyObject *
+Core_wait(PyObject *op, PyObject *waiter)
+{
+    waitc_state *st = state_of(op);
+    if (!Py_IS_TYPE(waiter, st->waiter_type)) {
+        PyErr_SetString(PyExc_TypeError, "wait(waiter): expected a Waiter");
+        return NULL;
+    }
+    return (PyObject *)new_wait(st, op, waiter, NULL, NULL);
+}
+
+static PyObject *
+Core_wait_turn(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "wait_turn(cond, take) takes 2 arguments");
+        return NULL;
+    }
+    if (!PyCallable_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "wait_turn(cond, take): take must be callable");
+        return NULL;
+    }
+    return (PyObject *)new_wait(state_of(op), op, NULL, args[0], args[1]);
 }
 
 static PyMethodDef Core_methods[] = {
+    {"wait_turn", FASTCALL(Core_wait_turn), METH_FASTCALL,
+     "wait_turn(cond, take) -> Awaitable[None]\n--\n\n"
+     "Wait in line until `take` succeeds in this task (await it).\n\n"
+     "The caller has tried its fast path already (a take when nobody of this process is\n"
+     "in line: ``waiting`` and ``turns`` both 0). This parks a waiter at the end of its\n"
+     "loop's line; each time a ring wakes it, ``take(result)`` runs in this task with the\n"
+     "lock held; if it finds nothing, the waiter waits again at the head of the line. On\n"
+     "cancellation nothing is left behind, and nothing was taken."},
     {"wait", Core_wait, METH_O,
      "wait(waiter) -> Awaitable\n--\n\n"
      "Wait for `waiter` to be released (await it); on any exception (cancellation, a\n"
@@ -1717,36 +1874,6 @@ poll_now(int fd, short events)
         return -1;
     }
     return n > 0;
-}
-
-static int
-lock_acquire(waitc_state *st, PyObject *lock)
-{
-    if (Py_IS_TYPE(lock, st->rlock_type)) {
-        return rlock_enter((RLock *)lock);
-    }
-    return do_method0(lock, st->s_acquire);
-}
-
-/* Release the lock, keeping any exception already set. */
-static int
-lock_release(waitc_state *st, PyObject *lock)
-{
-    if (Py_IS_TYPE(lock, st->rlock_type)) {
-        int rc = rlock_exit((RLock *)lock);
-        return PyErr_Occurred() ? -1 : rc;
-    }
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
-    int rc = do_method0(lock, st->s_release);
-    if (type != NULL) {
-        if (rc < 0) {
-            PyErr_Clear();
-        }
-        PyErr_Restore(type, value, tb);
-        return -1;
-    }
-    return rc;
 }
 
 /* With the lock held: the event's work. */

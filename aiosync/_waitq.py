@@ -148,38 +148,13 @@ class WaitQueue(Core[C, R]):
             if waiter.state == ABANDONED:
                 self._compact(waiter.slot)
 
-    async def wait_turn(self, cond: C, take: Callable[[R], bool]) -> None:
-        """Wait in line until `take` succeeds in this task.
-
-        The caller has tried its fast path already (a take when nobody of this process
-        is in line: ``waiting`` and ``turns`` both 0). This parks a waiter at the end of
-        its loop's line; each time a ring wakes it, ``take(result)`` runs in this task
-        with the lock held; if it finds nothing, the waiter waits again at the head of
-        the line. On cancellation nothing is left behind, and nothing was taken.
-        """
-        with self.lock:
-            waiter = self.park(cond)
-        slot = waiter.slot
-        loop = slot.loop
-        while True:
-            result = await self.wait(waiter)
-            with self.lock:
-                if slot.woken is waiter:
-                    slot.woken = None
-                    self.turns -= 1
-                if self._closed:
-                    raise self._closed_error()
-                if take(result):
-                    slot.stale = slot.stale_events
-                    return
-                # Another process was faster: wait again, first in line.
-                waiter.future = loop.create_future()
-                waiter.state = PENDING
-                slot.waiters.appendleft(waiter)
-                slot.live += 1
-                self.waiting += 1
-                if not slot.registered:
-                    self._register(slot)
+    # wait_turn(cond, take) is Core's too: await it to wait in line until `take`
+    # succeeds in this task. The caller has tried its fast path already (a take when
+    # nobody of this process is in line: ``waiting`` and ``turns`` both 0). It parks a
+    # waiter at the end of its loop's line; each time a ring wakes it, ``take(result)``
+    # runs in this task with the lock held; if it finds nothing, the waiter waits again
+    # at the head of the line. On cancellation nothing is left behind, and nothing was
+    # taken.
 
     # -- the releasing side (lock held) ----------------------------------------------
 
