@@ -178,8 +178,9 @@ class Completion(_waitc.CompletionCore, Resource):
         """
         queue = self._waitq
         # The fast path, without a lock or a loop round trip: nobody of this process is
-        # in line (pending, or woken and not run yet) and a count is there.
-        if not (queue.waiting or queue.turns) and self.try_wait():
+        # in line (pending, or woken and not run yet) and a count is there (try_wait()
+        # past its check: _try_take raises ClosedResourceError once closed, too).
+        if not (queue.waiting or queue.turns) and self._try_take():
             return
         await queue.wait_turn(None, self._take)
 

@@ -2591,7 +2591,7 @@ completion_poll(CompletionCore *self, int *all_done, int *available)
 {
     *all_done = *available = 0;
     if (self->count < 0 || self->all < 0) { /* closed (by another thread) since the check */
-        raise_closed("the Completion was closed while waiting");
+        raise_closed("this Completion was closed");
         return -1;
     }
     struct pollfd p[2] = {
