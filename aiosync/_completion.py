@@ -122,8 +122,7 @@ class Completion(_waitc.CompletionCore, Resource):
                 full: about 2**64 of them).
             ClosedResourceError: the completion was closed in this process.
         """
-        self._check_open()
-        self._complete()
+        self._complete()  # in C: raises ClosedResourceError once closed, too
 
     def complete_all(self) -> None:
         """Let every current and future `wait()` through, until `reinit()`.

@@ -2697,7 +2697,7 @@ CompletionCore_complete(PyObject *op, PyObject *Py_UNUSED(ignored))
 {
     CompletionCore *self = (CompletionCore *)op;
     if (self->count < 0) {
-        raise_closed("the object was closed (by another thread) during this call");
+        raise_closed("this Completion was closed");
         return NULL;
     }
     uint64_t one = 1;
@@ -2781,7 +2781,8 @@ static PyMethodDef CompletionCore_methods[] = {
      "(all done, a count is available) now: one zero-timeout poll, nothing read."},
     {"_complete", CompletionCore_complete, METH_NOARGS,
      "_complete() -> None\n--\n\n"
-     "Write 1 to `count` (OverflowError if the eventfd is full); takes no lock."},
+     "complete(): write 1 to `count` (OverflowError if the eventfd is full,\n"
+     "ClosedResourceError once closed); takes no lock."},
     {NULL, NULL, 0, NULL},
 };
 
