@@ -635,14 +635,18 @@ def _closed_error() -> ClosedResourceError:
 # What BarrierGroup needs of its members (it uses no Barrier internals).
 
 
-def start_wait(barrier: Barrier, cond: Cond) -> bool | Waiter:
+def start_wait(
+    barrier: Barrier, cond: Cond, place: bool = False, future: _waitc.Share | None = None
+) -> bool | Waiter:
     """The first half of a wait: its result at once, or a waiter parked on the queue.
 
     The caller awaits ``queue_of(barrier).wait(waiter)`` (or the waiter's future, and then
     abandons it if it stops waiting). BarrierGroup parks one per member and awaits them
-    together; the barrier's own waits go through here too.
+    together, each waiter's future a share of one `_waitc.Gather` (`future`); the
+    barrier's own waits go through here too. With `place`, place() first in the same
+    step under the lock (place_and_sync). Raises `ClosedResourceError` once closed.
     """
-    return barrier._start_wait(cond)
+    return barrier._start_wait(cond, place, future)
 
 
 def check_ready(barrier: Barrier) -> None:

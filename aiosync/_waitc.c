@@ -71,6 +71,8 @@ typedef struct {
     PyTypeObject *completion_type;
     PyTypeObject *wait_type;
     PyTypeObject *rlock_type;
+    PyTypeObject *gather_type;
+    PyTypeObject *share_type;
     PyObject *get_running_loop; /* asyncio.get_running_loop */
     PyObject *deque;            /* collections.deque */
     /* Methods of asyncio.Future and collections.deque, called directly on objects of
@@ -102,6 +104,7 @@ typedef struct {
     PyObject *s_reregister;
     PyObject *s_wake_blockers;
     PyObject *s_abandon;
+    PyObject *s_cancelled;
     PyObject *s_throw;
     PyObject *s_close;
 } waitc_state;
@@ -192,6 +195,22 @@ typedef struct {
     _Atomic unsigned long owner; /* the thread holding it, 0: none */
     unsigned long count;         /* how many times its owner acquired it */
 } RLock;
+
+typedef struct {
+    PyObject_HEAD
+    waitc_state *st;
+    PyObject *future; /* the one asyncio future its task awaits, or None between waits */
+    Py_ssize_t pending; /* shares not resolved yet */
+    char first;         /* wake at the first resolved share (else at the last, or a failure) */
+} Gather;
+
+typedef struct {
+    PyObject_HEAD
+    waitc_state *st;
+    PyObject *gather; /* its Gather */
+    PyObject *result; /* NULL until resolved */
+    char failed;      /* `result` is an exception */
+} Share;
 
 /* What every object of this module's types starts with. */
 typedef struct {
@@ -1328,8 +1347,9 @@ raise_closed_error(Core *queue)
     return NULL;
 }
 
+/* park(cond), its waiter's future given (NULL: a new one of the running loop). */
 static PyObject *
-Core_park(PyObject *op, PyObject *cond)
+park(PyObject *op, PyObject *cond, PyObject *given)
 {
     Core *self = (Core *)op;
     waitc_state *st = state_of(op);
@@ -1363,7 +1383,7 @@ Core_park(PyObject *op, PyObject *cond)
             return NULL;
         }
     }
-    PyObject *future = call_method0(loop, st->s_create_future);
+    PyObject *future = given != NULL ? Py_NewRef(given) : call_method0(loop, st->s_create_future);
     Py_DECREF(loop);
     if (future == NULL) {
         Py_DECREF(slot);
@@ -1393,6 +1413,12 @@ error:
     Py_DECREF(slot);
     Py_DECREF(w);
     return NULL;
+}
+
+static PyObject *
+Core_park(PyObject *op, PyObject *cond)
+{
+    return park(op, cond, NULL);
 }
 
 static PyObject *
@@ -2301,9 +2327,10 @@ BarrierCore_broken(PyObject *op, PyObject *Py_UNUSED(ignored))
 
 /* The first half of a wait for `cond`, under the lock: its result at once (Py_True,
  * Py_False), or a waiter parked on the queue (a new reference); NULL with an error.
- * With `placing`, place() first (place_and_sync): if that places nothing, False. */
+ * With `placing`, place() first (place_and_sync): if that places nothing, False. A
+ * parked waiter's future is `future` if given (a Share of a Gather), else a new one. */
 static PyObject *
-start_wait(waitc_state *st, BarrierCore *self, PyObject *cond, int placing)
+start_wait(waitc_state *st, BarrierCore *self, PyObject *cond, int placing, PyObject *future)
 {
     Core *queue = waitq_of(self, st);
     if (queue == NULL) {
@@ -2323,7 +2350,7 @@ start_wait(waitc_state *st, BarrierCore *self, PyObject *cond, int placing)
                 Py_INCREF(result);
             }
             else if (!PyErr_Occurred()) {
-                result = Core_park((PyObject *)queue, cond);
+                result = park((PyObject *)queue, cond, future);
             }
         }
         if (lock_release(st, lock) < 0) {
@@ -2338,16 +2365,22 @@ start_wait(waitc_state *st, BarrierCore *self, PyObject *cond, int placing)
 static PyObject *
 BarrierCore_start_wait(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs < 1 || nargs > 2) {
-        PyErr_SetString(PyExc_TypeError, "_start_wait(cond, place=False) takes 1 or 2 arguments");
+    if (nargs < 1 || nargs > 3) {
+        PyErr_SetString(PyExc_TypeError,
+                        "_start_wait(cond, place=False, future=None) takes 1 to 3 arguments");
         return NULL;
     }
     int placing = 0;
-    if (nargs == 2 && (placing = PyObject_IsTrue(args[1])) < 0) {
+    if (nargs >= 2 && (placing = PyObject_IsTrue(args[1])) < 0) {
         return NULL;
     }
-    waitc_state *st = state_of(op);
-    return st == NULL ? NULL : start_wait(st, (BarrierCore *)op, args[0], placing);
+    PyObject *future = nargs == 3 && args[2] != Py_None ? args[2] : NULL;
+    BarrierCore *self = (BarrierCore *)op;
+    if (self->me < 0) { /* closed (a member of a group, say, closed alone) */
+        raise_closed("this Barrier was closed");
+        return NULL;
+    }
+    return start_wait(state_of(op), self, args[0], placing, future);
 }
 
 
@@ -2468,11 +2501,13 @@ static PyMethodDef BarrierCore_methods[] = {
      "A write to the peer failed: it can no longer be told anything, so both sides\n"
      "count as aborted (systemd makes this fatal); waiters are released (lock held)."},
     {"_start_wait", FASTCALL(BarrierCore_start_wait), METH_FASTCALL,
-     "_start_wait(cond, place=False) -> bool | Waiter\n--\n\n"
+     "_start_wait(cond, place=False, future=None) -> bool | Waiter\n--\n\n"
      "The first half of a wait for `cond`, under the lock: its result at once if no\n"
      "wait is needed (`_verdict`), or a waiter parked on the queue (`park`). With\n"
      "`place`, place() first in the same step (place_and_sync): False if that placed\n"
-     "nothing (either side aborted, or the write failed)."},
+     "nothing (either side aborted, or the write failed). A parked waiter's future is\n"
+     "`future` if given (a BarrierGroup's Share), else a new one of the running loop.\n"
+     "ClosedResourceError once closed."},
     {"_pump", BarrierCore_pump, METH_O,
      "_pump(cond) -> None\n--\n\n"
      "systemd's read loop, run once for everyone waiting now (lock held): read while\n"
@@ -2847,6 +2882,283 @@ static PyType_Spec CompletionCore_spec = {
 };
 
 /* ---------------------------------------------------------------------------------
+ * Gather and Share: one future for a BarrierGroup's N waiters
+ *
+ * A BarrierGroup parks one waiter per member; each waiter's "future" is a Share of one
+ * Gather, and the group's task awaits the Gather's single asyncio future, set when
+ * the last share is resolved (or the first, or the first to fail). To the wait core a
+ * Share is a future: done() is true once it is resolved, or once the Gather's future
+ * was cancelled (the group's task stopped waiting: every share is then dead, as a
+ * cancelled waiter's future is).
+ * --------------------------------------------------------------------------------- */
+
+static int
+Gather_traverse(PyObject *op, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(op));
+    Py_VISIT(((Gather *)op)->future);
+    return 0;
+}
+
+static int
+Gather_clear(PyObject *op)
+{
+    Py_CLEAR(((Gather *)op)->future);
+    return 0;
+}
+
+static void
+Gather_dealloc(PyObject *op)
+{
+    PyTypeObject *tp = Py_TYPE(op);
+    PyObject_GC_UnTrack(op);
+    (void)Gather_clear(op);
+    tp->tp_free(op);
+    Py_DECREF(tp);
+}
+
+static PyObject *
+Gather_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"first", NULL};
+    int first = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|p:Gather", kwlist, &first)) {
+        return NULL;
+    }
+    waitc_state *st = state_for(type);
+    if (st == NULL) {
+        return NULL;
+    }
+    Gather *self = PyObject_GC_New(Gather, type);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->st = st;
+    self->future = Py_NewRef(Py_None);
+    self->pending = 0;
+    self->first = (char)first;
+    PyObject_GC_Track(self);
+    return (PyObject *)self;
+}
+
+/* Wake the Gather's task, unless it was woken already: 0, or -1 with an error set
+ * (RuntimeError: its loop is closed). */
+static int
+gather_wake(waitc_state *st, Gather *g)
+{
+    if (g->future == Py_None) {
+        return 0;
+    }
+    PyObject *future = Py_NewRef(g->future);
+    int done = future_done(st, future);
+    int rc = done;
+    if (done == 0) {
+        PyObject *args[] = {future, Py_None};
+        PyObject *r = call_known(st->future_type, st->future_set_result, st->s_set_result,
+                                 args, 2);
+        Py_XDECREF(r);
+        rc = r == NULL ? -1 : 0;
+    }
+    Py_DECREF(future);
+    return rc < 0 ? -1 : 0;
+}
+
+static PyObject *
+Gather_share(PyObject *op, PyObject *Py_UNUSED(ignored))
+{
+    Gather *g = (Gather *)op;
+    waitc_state *st = g->st;
+    Share *share = PyObject_GC_New(Share, st->share_type);
+    if (share == NULL) {
+        return NULL;
+    }
+    share->st = st;
+    share->gather = Py_NewRef(op);
+    share->result = NULL;
+    share->failed = 0;
+    g->pending += 1;
+    PyObject_GC_Track(share);
+    return (PyObject *)share;
+}
+
+static PyObject *
+Gather_arm(PyObject *op, PyObject *Py_UNUSED(ignored))
+{
+    Gather *g = (Gather *)op;
+    waitc_state *st = g->st;
+    PyObject *loop = PyObject_CallNoArgs(st->get_running_loop);
+    if (loop == NULL) {
+        return NULL;
+    }
+    PyObject *future = call_method0(loop, st->s_create_future);
+    Py_DECREF(loop);
+    if (future == NULL) {
+        return NULL;
+    }
+    Py_SETREF(g->future, Py_NewRef(future));
+    return future;
+}
+
+static PyMethodDef Gather_methods[] = {
+    {"share", Gather_share, METH_NOARGS,
+     "share() -> Share\n--\n\nA new share: the future of one member's waiter."},
+    {"arm", Gather_arm, METH_NOARGS,
+     "arm() -> asyncio.Future[None]\n--\n\n"
+     "A new future of the running loop for the group's task to await: set when the\n"
+     "last share is resolved (or the first, with first=True), or one fails."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot Gather_slots[] = {
+    {Py_tp_doc, (void *)PyDoc_STR("Gather(first=False)\n--\n\n"
+                                  "One future for the waiters a BarrierGroup parks.")},
+    {Py_tp_new, FUNC(Gather_new)},
+    {Py_tp_dealloc, FUNC(Gather_dealloc)},
+    {Py_tp_traverse, FUNC(Gather_traverse)},
+    {Py_tp_clear, FUNC(Gather_clear)},
+    {Py_tp_methods, Gather_methods},
+    {0, NULL},
+};
+
+static PyType_Spec Gather_spec = {
+    .name = "aiosync._waitc.Gather",
+    .basicsize = sizeof(Gather),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = Gather_slots,
+};
+
+static int
+Share_traverse(PyObject *op, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(op));
+    Py_VISIT(((Share *)op)->gather);
+    Py_VISIT(((Share *)op)->result);
+    return 0;
+}
+
+static int
+Share_clear(PyObject *op)
+{
+    Py_CLEAR(((Share *)op)->gather);
+    Py_CLEAR(((Share *)op)->result);
+    return 0;
+}
+
+static void
+Share_dealloc(PyObject *op)
+{
+    PyTypeObject *tp = Py_TYPE(op);
+    PyObject_GC_UnTrack(op);
+    (void)Share_clear(op);
+    tp->tp_free(op);
+    Py_DECREF(tp);
+}
+
+/* done(): resolved, or its Gather's task stopped waiting (its future was cancelled). */
+static int
+share_done(Share *self)
+{
+    if (self->result != NULL) {
+        return 1;
+    }
+    Gather *g = (Gather *)self->gather;
+    if (g->future == Py_None) {
+        return 0;
+    }
+    PyObject *r = call_method0(g->future, self->st->s_cancelled);
+    if (r == NULL) {
+        return -1;
+    }
+    int cancelled = PyObject_IsTrue(r);
+    Py_DECREF(r);
+    return cancelled;
+}
+
+static PyObject *
+Share_done(PyObject *op, PyObject *Py_UNUSED(ignored))
+{
+    int done = share_done((Share *)op);
+    return done < 0 ? NULL : PyBool_FromLong(done);
+}
+
+static PyObject *
+share_resolve(Share *self, PyObject *value, int failed)
+{
+    int done = share_done(self);
+    if (done != 0) {
+        if (done > 0) {
+            PyErr_SetString(PyExc_RuntimeError, "this share was resolved already");
+        }
+        return NULL;
+    }
+    Gather *g = (Gather *)self->gather;
+    self->result = Py_NewRef(value);
+    self->failed = (char)failed;
+    g->pending -= 1;
+    if ((failed || g->first || g->pending == 0) && gather_wake(self->st, g) < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Share_set_result(PyObject *op, PyObject *value)
+{
+    return share_resolve((Share *)op, value, 0);
+}
+
+static PyObject *
+Share_set_exception(PyObject *op, PyObject *exc)
+{
+    return share_resolve((Share *)op, exc, 1);
+}
+
+static PyObject *
+Share_result(PyObject *op, PyObject *Py_UNUSED(ignored))
+{
+    Share *self = (Share *)op;
+    if (self->result == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "this share is not resolved yet");
+        return NULL;
+    }
+    if (self->failed) {
+        PyObject *exc = self->result;
+        PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+        return NULL;
+    }
+    return Py_NewRef(self->result);
+}
+
+static PyMethodDef Share_methods[] = {
+    {"done", Share_done, METH_NOARGS,
+     "done() -> bool\n--\n\nResolved, or its group's task stopped waiting."},
+    {"set_result", Share_set_result, METH_O,
+     "set_result(result) -> None\n--\n\nResolve it (its waiter was released)."},
+    {"set_exception", Share_set_exception, METH_O,
+     "set_exception(exc) -> None\n--\n\nFail it (its waiter was failed)."},
+    {"result", Share_result, METH_NOARGS,
+     "result() -> Any\n--\n\nWhat it was resolved with (or raise how it failed)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot Share_slots[] = {
+    {Py_tp_doc, (void *)PyDoc_STR("The future of one waiter of a Gather.")},
+    {Py_tp_dealloc, FUNC(Share_dealloc)},
+    {Py_tp_traverse, FUNC(Share_traverse)},
+    {Py_tp_clear, FUNC(Share_clear)},
+    {Py_tp_methods, Share_methods},
+    {0, NULL},
+};
+
+static PyType_Spec Share_spec = {
+    .name = "aiosync._waitc.Share",
+    .basicsize = sizeof(Share),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE |
+             Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .slots = Share_slots,
+};
+
+/* ---------------------------------------------------------------------------------
  * The module
  * --------------------------------------------------------------------------------- */
 
@@ -2905,7 +3217,9 @@ waitc_exec(PyObject *module)
         (st->barrier_type = add_type(module, &BarrierCore_spec)) == NULL ||
         (st->completion_type = add_type(module, &CompletionCore_spec)) == NULL ||
         (st->wait_type = add_type(module, &Wait_spec)) == NULL ||
-        (st->rlock_type = add_type(module, &RLock_spec)) == NULL) {
+        (st->rlock_type = add_type(module, &RLock_spec)) == NULL ||
+        (st->gather_type = add_type(module, &Gather_spec)) == NULL ||
+        (st->share_type = add_type(module, &Share_spec)) == NULL) {
         return -1;
     }
     if ((st->get_running_loop = import_attr("asyncio", "get_running_loop")) == NULL ||
@@ -2936,6 +3250,7 @@ waitc_exec(PyObject *module)
         intern(&st->s_reregister, "reregister") < 0 ||
         intern(&st->s_wake_blockers, "wake_blockers") < 0 ||
         intern(&st->s_abandon, "abandon") < 0 || intern(&st->s_throw, "throw") < 0 ||
+        intern(&st->s_cancelled, "cancelled") < 0 ||
         intern(&st->s_close, "close") < 0) {
         return -1;
     }
@@ -2955,6 +3270,8 @@ waitc_exec(PyObject *module)
     X(completion_type)                                                                      \
     X(wait_type)                                                                            \
     X(rlock_type)                                                                           \
+    X(gather_type)                                                                          \
+    X(share_type)                                                                           \
     X(get_running_loop)                                                                     \
     X(deque)                                                                                \
     X(future_type)                                                                          \
@@ -2983,6 +3300,7 @@ waitc_exec(PyObject *module)
     X(s_reregister)                                                                         \
     X(s_wake_blockers)                                                                      \
     X(s_abandon)                                                                            \
+    X(s_cancelled)                                                                          \
     X(s_throw)                                                                              \
     X(s_close)
 
