@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from aiosync import Barrier, Completion, Role, _waitc, _waitq
+from aiosync import Barrier, ClosedResourceError, Completion, Role, _waitc, _waitq
 
 
 def test_extension_is_built() -> None:
@@ -184,3 +184,46 @@ def test_the_queue_lock_excludes_other_threads() -> None:
     lock.release()
     assert got.wait(10)
     thread.join()
+
+
+async def test_a_gather_wakes_its_task_once_every_share_is_resolved() -> None:
+    gather = _waitc.Gather()
+    shares = [gather.share() for _ in range(3)]
+    woken = gather.arm()
+    shares[0].set_result(True)
+    shares[2].set_result(False)
+    assert not woken.done()
+    shares[1].set_result(True)
+    assert woken.done()
+    assert [s.result() for s in shares] == [True, True, False]
+    with pytest.raises(RuntimeError, match="resolved already"):
+        shares[1].set_result(False)
+
+
+async def test_a_gather_wakes_at_the_first_share_or_the_first_failure() -> None:
+    first = _waitc.Gather(first=True)
+    a, b = first.share(), first.share()
+    woken = first.arm()
+    b.set_result(True)
+    assert woken.done()
+    assert b.done()
+    assert not a.done()
+    with pytest.raises(RuntimeError, match="not resolved"):
+        a.result()
+    every = _waitc.Gather()
+    c, d = every.share(), every.share()
+    woken = every.arm()
+    d.set_exception(ClosedResourceError("closed meanwhile"))
+    assert woken.done()  # a failure wakes at once
+    assert not c.done()
+    with pytest.raises(ClosedResourceError, match="meanwhile"):
+        d.result()
+
+
+async def test_every_share_is_dead_once_the_gathers_task_stops_waiting() -> None:
+    # A cancelled group wait: its members' waiters must not be handed anything, as a
+    # cancelled waiter's own future is done (the wait core skips and settles them).
+    gather = _waitc.Gather()
+    share = gather.share()
+    gather.arm().cancel()
+    assert share.done()
