@@ -354,6 +354,66 @@ raise_closed(const char *message)
     }
 }
 
+/* One read of an eventfd (non-blocking): its value in *value, 0 if it held nothing;
+ * 0, or -1 with an error set (ClosedResourceError for a closed fd). */
+static int
+eventfd_read(int fd, uint64_t *value)
+{
+    *value = 0;
+    ssize_t n = -1;
+    errno = EBADF;
+    while (fd >= 0 && (n = read(fd, value, sizeof *value)) < 0 && errno == EINTR) {
+    }
+    if (n == (ssize_t)sizeof *value) {
+        return 0;
+    }
+    *value = 0;
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+        return 0;
+    }
+    if (n < 0 && errno == EBADF) {
+        raise_closed("the object was closed (by another thread) during this call");
+    }
+    else if (n < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+    }
+    else {
+        PyErr_SetString(PyExc_OSError, "short read from an eventfd");
+    }
+    return -1;
+}
+
+/* Add `value` to an eventfd: 1 written, 0 refused by the kernel (it would overflow),
+ * -1 with an error set (ClosedResourceError for a closed fd). */
+static int
+eventfd_write(int fd, uint64_t value)
+{
+    ssize_t n = -1;
+    errno = EBADF;
+    while (fd >= 0 && (n = write(fd, &value, sizeof value)) < 0 && errno == EINTR) {
+    }
+    if (n == (ssize_t)sizeof value) {
+        return 1;
+    }
+    if (n < 0 && errno == EBADF) {
+        raise_closed("the object was closed (by another thread) during this call");
+        return -1;
+    }
+    return 0;
+}
+
+/* The dealloc of every type here that holds objects: untrack, `clear` (the type's
+ * own), free, and drop the instance's reference to its heap type. */
+static void
+gc_dealloc(PyObject *op, inquiry clear)
+{
+    PyTypeObject *tp = Py_TYPE(op);
+    PyObject_GC_UnTrack(op);
+    (void)clear(op);
+    tp->tp_free(op);
+    Py_DECREF(tp);
+}
+
 /* ---------------------------------------------------------------------------------
  * Waiter: its transitions (lock held)
  * --------------------------------------------------------------------------------- */
@@ -513,11 +573,7 @@ Waiter_clear(PyObject *op)
 static void
 Waiter_dealloc(PyObject *op)
 {
-    PyTypeObject *tp = Py_TYPE(op);
-    PyObject_GC_UnTrack(op);
-    (void)Waiter_clear(op);
-    tp->tp_free(op);
-    Py_DECREF(tp);
+    gc_dealloc(op, Waiter_clear);
 }
 
 static Waiter *
@@ -712,11 +768,7 @@ LoopSlot_clear(PyObject *op)
 static void
 LoopSlot_dealloc(PyObject *op)
 {
-    PyTypeObject *tp = Py_TYPE(op);
-    PyObject_GC_UnTrack(op);
-    (void)LoopSlot_clear(op);
-    tp->tp_free(op);
-    Py_DECREF(tp);
+    gc_dealloc(op, LoopSlot_clear);
 }
 
 static PyObject *
@@ -1211,11 +1263,7 @@ Core_clear(PyObject *op)
 static void
 Core_dealloc(PyObject *op)
 {
-    PyTypeObject *tp = Py_TYPE(op);
-    PyObject_GC_UnTrack(op);
-    (void)Core_clear(op);
-    tp->tp_free(op);
-    Py_DECREF(tp);
+    gc_dealloc(op, Core_clear);
 }
 
 static PyObject *
@@ -1737,11 +1785,7 @@ Wait_clear(PyObject *op)
 static void
 Wait_dealloc(PyObject *op)
 {
-    PyTypeObject *tp = Py_TYPE(op);
-    PyObject_GC_UnTrack(op);
-    (void)Wait_clear(op);
-    tp->tp_free(op);
-    Py_DECREF(tp);
+    gc_dealloc(op, Wait_clear);
 }
 
 static PyMethodDef Wait_methods[] = {
@@ -2052,11 +2096,7 @@ BarrierCore_clear(PyObject *op)
 static void
 BarrierCore_dealloc(PyObject *op)
 {
-    PyTypeObject *tp = Py_TYPE(op);
-    PyObject_GC_UnTrack(op);
-    (void)BarrierCore_clear(op);
-    tp->tp_free(op);
-    Py_DECREF(tp);
+    gc_dealloc(op, BarrierCore_clear);
 }
 
 static PyObject *
@@ -2174,32 +2214,7 @@ wake(waitc_state *st, BarrierCore *self)
 static int
 read_them(BarrierCore *self, uint64_t *value)
 {
-    *value = 0;
-    if (self->them < 0) {
-        raise_closed("the object was closed (by another thread) during this call");
-        return -1;
-    }
-    ssize_t n;
-    do {
-        n = read(self->them, value, sizeof *value);
-    } while (n < 0 && errno == EINTR);
-    if (n == (ssize_t)sizeof *value) {
-        return 0;
-    }
-    *value = 0;
-    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-        return 0;
-    }
-    if (n < 0 && errno == EBADF) {
-        raise_closed("the object was closed (by another thread) during this call");
-    }
-    else if (n < 0) {
-        PyErr_SetFromErrno(PyExc_OSError);
-    }
-    else {
-        PyErr_SetString(PyExc_OSError, "short read from an eventfd");
-    }
-    return -1;
+    return eventfd_read(self->them, value);
 }
 
 static void
@@ -2287,24 +2302,12 @@ place(waitc_state *st, BarrierCore *self)
     if (self->i_aborted || self->they_aborted) {
         return 0;
     }
-    if (self->me < 0) {
-        raise_closed("the object was closed (by another thread) during this call");
-        return -1;
-    }
-    uint64_t one = 1;
-    ssize_t n;
-    do {
-        n = write(self->me, &one, sizeof one);
-    } while (n < 0 && errno == EINTR);
-    if (n == (ssize_t)sizeof one) {
+    int written = eventfd_write(self->me, 1);
+    if (written > 0) {
         self->barriers += 1;
         return 1;
     }
-    if (n < 0 && errno == EBADF) {
-        raise_closed("the object was closed (by another thread) during this call");
-        return -1;
-    }
-    return broken(st, self) < 0 ? -1 : 0;
+    return written < 0 || broken(st, self) < 0 ? -1 : 0;
 }
 
 static PyObject *
@@ -2595,11 +2598,7 @@ CompletionCore_clear(PyObject *op)
 static void
 CompletionCore_dealloc(PyObject *op)
 {
-    PyTypeObject *tp = Py_TYPE(op);
-    PyObject_GC_UnTrack(op);
-    (void)CompletionCore_clear(op);
-    tp->tp_free(op);
-    Py_DECREF(tp);
+    gc_dealloc(op, CompletionCore_clear);
 }
 
 static PyObject *
@@ -2650,31 +2649,8 @@ completion_poll(CompletionCore *self, int *all_done, int *available)
 static int
 completion_take_count(CompletionCore *self)
 {
-    if (self->count < 0) {
-        raise_closed("the object was closed (by another thread) during this call");
-        return -1;
-    }
     uint64_t value;
-    ssize_t n;
-    do {
-        n = read(self->count, &value, sizeof value);
-    } while (n < 0 && errno == EINTR);
-    if (n == (ssize_t)sizeof value) {
-        return value != 0;
-    }
-    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-        return 0;
-    }
-    if (n < 0 && errno == EBADF) {
-        raise_closed("the object was closed (by another thread) during this call");
-    }
-    else if (n < 0) {
-        PyErr_SetFromErrno(PyExc_OSError);
-    }
-    else {
-        PyErr_SetString(PyExc_OSError, "short read from an eventfd");
-    }
-    return -1;
+    return eventfd_read(self->count, &value) < 0 ? -1 : value != 0;
 }
 
 static PyObject *
@@ -2735,22 +2711,15 @@ CompletionCore_complete(PyObject *op, PyObject *Py_UNUSED(ignored))
         raise_closed("this Completion was closed");
         return NULL;
     }
-    uint64_t one = 1;
-    ssize_t n;
-    do {
-        n = write(self->count, &one, sizeof one);
-    } while (n < 0 && errno == EINTR);
-    if (n == (ssize_t)sizeof one) {
-        Py_RETURN_NONE;
-    }
-    if (n < 0 && errno == EBADF) {
-        raise_closed("the object was closed (by another thread) during this call");
-    }
-    else {
+    int written = eventfd_write(self->count, 1);
+    if (written == 0) {
         PyErr_SetString(PyExc_OverflowError,
                         "too many completions are pending (the eventfd is full)");
     }
-    return NULL;
+    if (written <= 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
 }
 
 static PyObject *
@@ -2910,11 +2879,7 @@ Gather_clear(PyObject *op)
 static void
 Gather_dealloc(PyObject *op)
 {
-    PyTypeObject *tp = Py_TYPE(op);
-    PyObject_GC_UnTrack(op);
-    (void)Gather_clear(op);
-    tp->tp_free(op);
-    Py_DECREF(tp);
+    gc_dealloc(op, Gather_clear);
 }
 
 static PyObject *
@@ -3047,11 +3012,7 @@ Share_clear(PyObject *op)
 static void
 Share_dealloc(PyObject *op)
 {
-    PyTypeObject *tp = Py_TYPE(op);
-    PyObject_GC_UnTrack(op);
-    (void)Share_clear(op);
-    tp->tp_free(op);
-    Py_DECREF(tp);
+    gc_dealloc(op, Share_clear);
 }
 
 /* done(): resolved, or its Gather's task stopped waiting (its future was cancelled). */
