@@ -2,34 +2,42 @@
  * aiosync._waitc: the per-event and per-wait half of the wait core, in C.
  *
  * aiosync/_waitq.py keeps the rules that are not per event (loops coming and going,
- * registrations, closing, fork, the blocking twins, waiting in line for a turn); this
- * file holds what runs on every event and every wait, so that a round trip makes no
- * Python call it can do without:
+ * registrations, abandoning, closing, fork, the blocking twins); this file holds what
+ * runs on every event and every wait, so that a round trip makes no Python call it can
+ * do without:
  *
- *   Waiter     one task waiting: its future, its condition, its loop's slot, its state
- *              (PENDING -> RELEASED or ABANDONED), and the transitions (release, fail,
- *              _abandon): the only code that changes a waiter's state or the counts.
- *   LoopSlot   the waiters and registrations of one event loop.
- *   Core       the base of _waitq.WaitQueue: the lock, the counts, the slots, and the
- *              releasing side (park, first, pending, ring).
- *   dispatch   what loop.add_reader calls, one registration per (loop, fd): checks that
- *              the primitive is alive and someone of that loop waits, then hands the
- *              event to the primitive's _on_readable, with the lock held.
- *   BarrierCore the base of Barrier: its counter and abort flags, systemd's read loop
- *              (_pump), what a waiter's condition says now (_verdict) and the release
- *              of every waiter whose condition holds (_wake).
+ *   Waiter      one task waiting: its future, its condition, its loop's slot, its state
+ *               (PENDING -> RELEASED or ABANDONED), and the transitions (release, fail,
+ *               _abandon): the only code that changes a waiter's state or the counts.
+ *   LoopSlot    the waiters and registrations of one event loop.
+ *   Core        the base of _waitq.WaitQueue: the lock, the counts, the slots, the
+ *               waiting side (park, wait, wait_turn: the awaitable Wait) and the
+ *               releasing side (first, pending, ring).
+ *   RLock       the queue's re-entrant lock, taken here without a Python call.
+ *   dispatch    what loop.add_reader calls, one registration per (loop, fd): checks
+ *               that the primitive is alive and someone of that loop waits, then hands
+ *               the event to the primitive's _on_readable, with the lock held.
+ *   BarrierCore the base of Barrier: its fds, counter and abort flags, place()'s
+ *               write, systemd's read loop (_pump), what a waiter's condition says now
+ *               (_verdict) and the release of every waiter whose condition holds.
+ *   CompletionCore the base of Completion: its two eventfds, the callback's rings, a
+ *               woken waiter's take, complete()'s write.
+ *   Gather      one future for a BarrierGroup's N waiters (their futures are Shares).
  *
- * The rules themselves are the ones docs/design.md states (§3-§5, §10); each is written
- * here once, and the Python modules call these for it.
+ * The rules themselves are the ones docs/design.md states (§3-§5, §10-§12); each is
+ * written here once, and the Python modules call these for it.
  *
- * Locking. Every field of these objects changes only with the queue's lock held (a
- * threading.RLock, the same object the Python code takes), and the Python code reads
- * them under that lock, except the counts `waiting` and `turns` (plain machine words,
- * read for a fast path that re-checks under the lock). dispatch takes the lock itself.
- * Nothing here is a mutable static: types and interned names live in the module state,
+ * Locking. Every field of these objects changes only with the queue's lock held (the
+ * RLock above, the same object the Python code takes with `with queue.lock`), and the
+ * Python code reads them under that lock, except a few machine words read for a fast
+ * path that re-checks under the lock (the counts `waiting` and `turns`, an object's
+ * fds, which close() sets to -1), as the Python code this replaces did. A Gather and
+ * its Shares are used only in their group's loop thread (a release from another thread
+ * reaches a future through that loop's call_soon_threadsafe). Nothing here is a
+ * mutable static: types, cached functions and interned names live in the module state,
  * so each interpreter has its own (per-interpreter GIL supported). Free-threaded
- * builds: the lock above is what serializes every writer, as in the Python code this
- * replaces, so the module does not need the GIL.
+ * builds: the queue's lock is what serializes every writer, so the module does not
+ * need the GIL.
  */
 
 #define PY_SSIZE_T_CLEAN
