@@ -376,7 +376,7 @@ class BarrierGroup(Resource):
         """
         self._check_ready()
         if not any(b.they_aborted for b in self._members):
-            gather = Gather(first=True)
+            gather = Gather(True)  # first
             parked: dict[Share, tuple[Barrier, Waiter]] = {}
             try:
                 for barrier in self._members:
@@ -396,7 +396,7 @@ class BarrierGroup(Resource):
     async def _sync(self, abort_on_failure: bool, place: bool = False) -> GroupResult:
         members = self._members
         outcomes: list[Outcome | None] = [None] * len(members)
-        gather = Gather(first=abort_on_failure)
+        gather = Gather(abort_on_failure)  # first
         parked: dict[Share, tuple[Barrier, Waiter]] = {}
         index: dict[Share, int] = {}
         try:
@@ -434,12 +434,13 @@ class BarrierGroup(Resource):
             assert pid is not None  # _check_ready
             pids.append(pid)
             by[UNREPORTED if outcome is None else outcome].append(pid)
+        # synced, aborted, died, stopped, pids (positional: no keyword dict each round)
         return GroupResult(
-            synced=tuple(by[SYNCED]),
-            aborted=tuple(by[ABORTED]),
-            died=tuple(by[DIED]),
-            stopped=tuple(by[STOPPED]),
-            pids=tuple(pids),
+            tuple(by[SYNCED]),
+            tuple(by[ABORTED]),
+            tuple(by[DIED]),
+            tuple(by[STOPPED]),
+            tuple(pids),
         )
 
     # -- life cycle -------------------------------------------------------------------

@@ -2893,9 +2893,12 @@ Gather_dealloc(PyObject *op)
 static PyObject *
 Gather_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"first", NULL};
     int first = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|p:Gather", kwlist, &first)) {
+    if (PyTuple_GET_SIZE(args) > 1 || (kwds != NULL && PyDict_GET_SIZE(kwds) != 0)) {
+        PyErr_SetString(PyExc_TypeError, "Gather(first=False, /) takes at most 1 argument");
+        return NULL;
+    }
+    if (PyTuple_GET_SIZE(args) == 1 && (first = PyObject_IsTrue(PyTuple_GET_ITEM(args, 0))) < 0) {
         return NULL;
     }
     waitc_state *st = state_for(type);
@@ -2983,7 +2986,7 @@ static PyMethodDef Gather_methods[] = {
 };
 
 static PyType_Slot Gather_slots[] = {
-    {Py_tp_doc, (void *)PyDoc_STR("Gather(first=False)\n--\n\n"
+    {Py_tp_doc, (void *)PyDoc_STR("Gather(first=False, /)\n--\n\n"
                                   "One future for the waiters a BarrierGroup parks.")},
     {Py_tp_new, FUNC(Gather_new)},
     {Py_tp_dealloc, FUNC(Gather_dealloc)},

@@ -201,7 +201,7 @@ async def test_a_gather_wakes_its_task_once_every_share_is_resolved() -> None:
 
 
 async def test_a_gather_wakes_at_the_first_share_or_the_first_failure() -> None:
-    first = _waitc.Gather(first=True)
+    first = _waitc.Gather(True)
     a, b = first.share(), first.share()
     woken = first.arm()
     b.set_result(True)
