@@ -47,6 +47,7 @@
 #include <limits.h>
 #include <poll.h>
 #include <stdatomic.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 #include <unistd.h>
@@ -275,6 +276,46 @@ call_known(PyObject *type, PyObject *method, PyObject *name, PyObject **args, si
         return PyObject_Vectorcall(method, args, n, NULL);
     }
     return PyObject_VectorcallMethod(name, args, n | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+}
+
+/* The exception being raised, set aside while something else runs (PyErr_Fetch and
+ * PyErr_Restore are deprecated from 3.12). */
+typedef struct {
+#if PY_VERSION_HEX >= 0x030C0000
+    PyObject *exc;
+#else
+    PyObject *type, *value, *tb;
+#endif
+} saved_error;
+
+static void
+save_error(saved_error *saved)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    saved->exc = PyErr_GetRaisedException();
+#else
+    PyErr_Fetch(&saved->type, &saved->value, &saved->tb);
+#endif
+}
+
+static int
+saved_some(const saved_error *saved)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    return saved->exc != NULL;
+#else
+    return saved->type != NULL;
+#endif
+}
+
+static void
+restore_error(saved_error *saved)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    PyErr_SetRaisedException(saved->exc);
+#else
+    PyErr_Restore(saved->type, saved->value, saved->tb);
+#endif
 }
 
 /* Call a method for its effect only: 0, or -1 with an exception set. */
@@ -1081,14 +1122,14 @@ lock_release(waitc_state *st, PyObject *lock)
         int rc = rlock_exit((RLock *)lock);
         return PyErr_Occurred() ? -1 : rc;
     }
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
+    saved_error saved;
+    save_error(&saved);
     int rc = do_method0(lock, st->s_release);
-    if (type != NULL) {
+    if (saved_some(&saved)) {
         if (rc < 0) {
             PyErr_Clear();
         }
-        PyErr_Restore(type, value, tb);
+        restore_error(&saved);
         return -1;
     }
     return rc;
@@ -1528,14 +1569,14 @@ wait_abandon(waitc_state *st, Wait *self)
     if (self->waiter == NULL) { /* a wait_turn() that never parked: nothing to give back */
         return;
     }
-    PyObject *type, *value, *tb;
-    PyErr_Fetch(&type, &value, &tb);
+    saved_error saved;
+    save_error(&saved);
     PyObject *r = call_method1(self->queue, st->s_abandon, self->waiter);
     if (r == NULL) { /* keep the first exception; this one says less */
         PyErr_WriteUnraisable(self->queue);
     }
     Py_XDECREF(r);
-    PyErr_Restore(type, value, tb);
+    restore_error(&saved);
 }
 
 /* End the iteration with `result` (StopIteration); steals it. */
