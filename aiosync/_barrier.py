@@ -635,23 +635,18 @@ def _closed_error() -> ClosedResourceError:
 # What BarrierGroup needs of its members (it uses no Barrier internals).
 
 
-def start_wait(
-    barrier: Barrier, cond: Cond, place: bool = False, future: _waitc.Share | None = None
-) -> bool | Waiter:
-    """The first half of a wait: its result at once, or a waiter parked on the queue.
+# start_wait(barrier, cond, place=False, future=None) -> bool | Waiter: the first half of
+# a wait: its result at once, or a waiter parked on the queue. The caller awaits
+# ``queue_of(barrier).wait(waiter)`` (or the waiter's future, and then abandons it if it
+# stops waiting). BarrierGroup parks one per member and awaits them together, each
+# waiter's future a share of one `_waitc.Gather` (`future`); the barrier's own waits go
+# through here too. With `place`, place() first in the same step under the lock
+# (place_and_sync). Raises `ClosedResourceError` once closed. (The C method itself:
+# called once per member and round, it makes no Python call on the way.)
+start_wait: Final = _waitc.BarrierCore._start_wait
 
-    The caller awaits ``queue_of(barrier).wait(waiter)`` (or the waiter's future, and then
-    abandons it if it stops waiting). BarrierGroup parks one per member and awaits them
-    together, each waiter's future a share of one `_waitc.Gather` (`future`); the
-    barrier's own waits go through here too. With `place`, place() first in the same
-    step under the lock (place_and_sync). Raises `ClosedResourceError` once closed.
-    """
-    return barrier._start_wait(cond, place, future)
-
-
-def check_ready(barrier: Barrier) -> None:
-    """Raise as a wait of `barrier` would: no role yet, or closed."""
-    barrier._check_ready()
+# check_ready(barrier): raise as a wait of `barrier` would: no role yet, or closed.
+check_ready: Final = Barrier._check_ready
 
 
 def queue_of(barrier: Barrier) -> _waitq.WaitQueue[Cond, bool]:

@@ -390,7 +390,8 @@ class BarrierGroup(Resource):
                         del parked[share]
                         share.result()  # ClosedResourceError if closed meanwhile
             finally:
-                _abandon(parked.values())
+                if parked:
+                    _abandon(parked.values())
         return self._result([_abortion(b) for b in self._members])
 
     async def _sync(self, abort_on_failure: bool, place: bool = False) -> GroupResult:
@@ -422,7 +423,8 @@ class BarrierGroup(Resource):
                     if abort_on_failure and outcome in FAILED:
                         self.abort()
         finally:
-            _abandon(parked.values())
+            if parked:  # cancelled, timed out, or a member closed meanwhile
+                _abandon(parked.values())
         return self._result(outcomes)
 
     def _result(self, outcomes: list[Outcome | None]) -> GroupResult:
