@@ -14,5 +14,10 @@ setup(
             sources=["aiosync/_robust.c"],
             extra_compile_args=["-Wall", "-Wextra"],
         ),
+        Extension(
+            "aiosync._waitc",
+            sources=["aiosync/_waitc.c"],
+            extra_compile_args=["-Wall", "-Wextra"],
+        ),
     ]
 )

@@ -24,6 +24,10 @@ barriers of theirs I have read. Positive: I am ahead; negative: they are ahead.
   moment (a snapshot: nothing is consumed, so a cancelled waiter gives nothing back).
   A waiter's condition is a threshold, or `UNTIL_ABORTED` for ``wait_abortion()``.
 
+The state (counter, flags, fds), the read loop, what a wait's condition says now
+(``_verdict``, the only statement of it) and ``place()``'s write run on every round
+trip, so they are in C: the base class `_waitc.BarrierCore`. This class keeps the rest.
+
 Departures from systemd: ``place()`` returns False when the eventfd write fails (the
 barrier is then both-aborted); my own ``abort()`` releases my pending ``sync()``-style
 waits with False (systemd cannot wait and abort at once); ``barrier_we_aborted()`` is
@@ -36,10 +40,9 @@ import enum
 import os
 import time
 import weakref
-from collections.abc import Callable
 from typing import Any, Final, Self, TypeAlias
 
-from . import _fd, _share, _waitq
+from . import _fd, _share, _waitc, _waitq
 from ._errors import ClosedResourceError, SharingError
 from ._resource import Resource
 from ._share import Adoption
@@ -71,7 +74,7 @@ _children: weakref.WeakKeyDictionary[Barrier, object] = weakref.WeakKeyDictionar
 
 
 @_share.shareable
-class Barrier(Resource):
+class Barrier(_waitc.BarrierCore, Resource):
     """A two-party barrier between a parent process and its child.
 
     Use it when two processes must wait on each other: "don't exec until the parent
@@ -235,15 +238,8 @@ class Barrier(Resource):
         with self._waitq.lock:
             return self._place()
 
-    def _place(self) -> bool:
-        """`place()` with the lock held."""
-        if self._i_aborted or self._they_aborted:
-            return False
-        if not _fd.write_eventfd(self._me, 1):
-            self._broken()
-            return False
-        self._barriers += 1
-        return True
+    # _place() (place() with the lock held) is _waitc.BarrierCore's, in C: it is half
+    # of every place_and_sync().
 
     def abort(self) -> bool:
         """Abort: the peer's waits return False from now on, and so do this side's.
@@ -270,10 +266,8 @@ class Barrier(Resource):
                     self._broken()
             return not self._they_aborted
 
-    def _broken(self) -> None:
-        # The peer can no longer be told anything: systemd makes this fatal.
-        self._i_aborted = self._they_aborted = True
-        self._wake()
+    # _broken() (a write failed: both sides count as aborted, as systemd makes it
+    # fatal) is _waitc.BarrierCore's too.
 
     # -- waiting ----------------------------------------------------------------------
 
@@ -354,14 +348,10 @@ class Barrier(Resource):
         # round trip every benchmark times, so it makes no call it can do without.
         if self._role is None or self._closed:
             self._check_ready()
-        queue = self._waitq
-        with queue.lock:
-            if not self._place():
-                return False  # aborted: sync() would return False at once too
-            if self._barriers <= 0:
-                return True
-            waiter = queue.park(0)
-        return await queue.wait(waiter)
+        started = self._start_wait(0, True)
+        if type(started) is bool:
+            return started
+        return await self._waitq.wait(started)
 
     async def wait_abortion(self) -> bool:
         """Wait until the peer aborts or exits.
@@ -490,17 +480,13 @@ class Barrier(Resource):
             ClosedResourceError: the barrier was closed, also by another thread meanwhile.
         """
         self._check_ready()
-        self._block_until(lambda: self._they_aborted, timeout)
-        return not self._i_aborted
+        return self._block_until(UNTIL_ABORTED, timeout)
 
     def _read_blocking(self, threshold: int, timeout: float | None) -> bool:
-        self._block_until(
-            lambda: self._i_aborted or self._they_aborted or self._barriers <= threshold,
-            timeout,
-        )
-        return not (self._i_aborted or self._they_aborted)
+        return self._block_until(threshold, timeout)
 
-    def _block_until(self, done: Callable[[], bool], timeout: float | None) -> None:
+    def _block_until(self, cond: Cond, timeout: float | None) -> bool:
+        """Block this thread until a wait for `cond` has its result (`_verdict`)."""
         _waitq.no_running_loop("a blocking barrier wait", "await the async method")
         deadline = None if timeout is None else time.monotonic() + timeout
         queue = self._waitq
@@ -509,9 +495,10 @@ class Barrier(Resource):
                 with queue.lock:
                     if self._closed:  # by another thread, which woke us
                         raise _closed_error()
-                    self._pump(lambda: not done())
-                    if done():
-                        return
+                    self._pump(cond)
+                    result = self._verdict(cond)
+                    if result is not None:
+                        return result
                     fds = (self._them, self._pipe_end)
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
@@ -523,68 +510,15 @@ class Barrier(Resource):
             queue.unblock()
 
     # -- the read loop (runs with the lock held) --------------------------------------
-
-    @property
-    def _pipe_end(self) -> int:
-        return self._pipe_r if self._role is Role.PARENT else self._pipe_w
-
-    def _on_readable(self, slot: _waitq.LoopSlot[Cond, bool], fd: int) -> None:
-        # Called with the lock held (see _waitq.Owner).
-        if self._me < 0:
-            return
-        self._pump(None)
-        if fd != self._them and not self._they_aborted:
-            # The pipe fired but did not end the wait. uvloop reports a pipe write end's
-            # error only once per registration, so register afresh (now, or with this
-            # loop's next waiter) rather than keep a spent registration.
-            self._waitq.reregister(slot)
-
-    def _pump(self, blocked: Callable[[], bool] | None) -> None:
-        """systemd's read loop, run once for everyone waiting now.
-
-        `blocked` tells whether a blocking twin in this thread still waits.
-        """
-        queue = self._waitq
-        read = os.eventfd_read
-        while not self._they_aborted and (queue.waiting or (blocked is not None and blocked())):
-            try:  # _fd.read_eventfd, inlined: this runs once per wait
-                value = read(self._them)
-            except BlockingIOError:
-                value = 0
-            if not value:
-                if not _fd.hung_up(self._pipe_end):
-                    return
-                # The peer is gone. What it placed before exiting comes first; read once
-                # more, as a last write may have raced the poll.
-                value = _fd.read_eventfd(self._them)
-                if not value:
-                    value = ABORTION
-                    self._peer_exited = True
-            self._apply(value)
-            self._wake()
-
-    def _apply(self, value: int) -> None:
-        if value >= ABORTION:
-            self._they_aborted = True
-        elif not (self._i_aborted or self._they_aborted):
-            self._barriers -= value
-
-    def _wake(self) -> None:
-        """Release every waiter whose condition holds, with its result as of now."""
-        queue = self._waitq
-        if queue.blockers:
-            queue.wake_blockers()
-        if not queue.waiting:
-            return
-        aborted = self._i_aborted or self._they_aborted
-        for slot in queue.slots():
-            for waiter in queue.pending(slot):
-                cond = waiter.cond
-                if cond is UNTIL_ABORTED:
-                    if self._they_aborted:
-                        waiter.release(not self._i_aborted)
-                elif aborted or self._barriers <= cond:
-                    waiter.release(not aborted)
+    #
+    # In C (_waitc.BarrierCore), as it runs on every event: _on_readable(slot, fd) (the
+    # loop's reader: the read loop, then a fresh registration after a pipe event that
+    # did not end the wait, as uvloop reports a pipe write end's error only once per
+    # registration), _pump(cond) (systemd's read loop, run once for everyone waiting
+    # now: read while someone waits and the peer has not aborted, apply each value,
+    # release whoever it frees), _wake() (release every waiter whose condition holds,
+    # with its result as of now) and _verdict(cond) (what a wait for `cond` returns
+    # now, or None while it must wait: the one statement of every wait's condition).
 
     # -- sharing ----------------------------------------------------------------------
 
@@ -701,28 +635,18 @@ def _closed_error() -> ClosedResourceError:
 # What BarrierGroup needs of its members (it uses no Barrier internals).
 
 
-def start_wait(barrier: Barrier, cond: Cond) -> bool | Waiter:
-    """The first half of a wait: its result at once, or a waiter parked on the queue.
+# start_wait(barrier, cond, place=False, future=None) -> bool | Waiter: the first half of
+# a wait: its result at once, or a waiter parked on the queue. The caller awaits
+# ``queue_of(barrier).wait(waiter)`` (or the waiter's future, and then abandons it if it
+# stops waiting). BarrierGroup parks one per member and awaits them together, each
+# waiter's future a share of one `_waitc.Gather` (`future`); the barrier's own waits go
+# through here too. With `place`, place() first in the same step under the lock
+# (place_and_sync). Raises `ClosedResourceError` once closed. (The C method itself:
+# called once per member and round, it makes no Python call on the way.)
+start_wait: Final = _waitc.BarrierCore._start_wait
 
-    The caller awaits ``queue_of(barrier).wait(waiter)`` (or the waiter's future, and then
-    abandons it if it stops waiting). BarrierGroup parks one per member and awaits them
-    together; the barrier's own waits go through here too.
-    """
-    queue = barrier._waitq
-    with queue.lock:
-        if cond is UNTIL_ABORTED:
-            if barrier._they_aborted:
-                return not barrier._i_aborted
-        elif barrier._i_aborted or barrier._they_aborted:
-            return False
-        elif barrier._barriers <= cond:
-            return True
-        return queue.park(cond)
-
-
-def check_ready(barrier: Barrier) -> None:
-    """Raise as a wait of `barrier` would: no role yet, or closed."""
-    barrier._check_ready()
+# check_ready(barrier): raise as a wait of `barrier` would: no role yet, or closed.
+check_ready: Final = Barrier._check_ready
 
 
 def queue_of(barrier: Barrier) -> _waitq.WaitQueue[Cond, bool]:

@@ -33,17 +33,19 @@ of its loop at once, taking nothing.
 
 ``complete()`` and ``complete_all()`` only write to an eventfd: they take no lock, so
 they are safe from any thread and from a signal handler.
+
+What runs on every hand-off (the callback's rings, a waiter's take, ``complete()``'s
+write, the zero-timeout poll of both eventfds) is in C: the base class
+`_waitc.CompletionCore`. This class keeps the rest.
 """
 
 from __future__ import annotations
 
 import enum
-import select
-import threading
 import time
 from typing import Any, Self
 
-from . import _fd, _share, _waitq
+from . import _fd, _share, _waitc, _waitq
 from ._errors import ClosedResourceError
 from ._resource import Resource
 from ._share import Adoption
@@ -59,7 +61,7 @@ class Ring(enum.Enum):
 
 
 @_share.shareable
-class Completion(Resource):
+class Completion(_waitc.CompletionCore, Resource):
     """A counted "this happened" signal between tasks, threads and processes.
 
     Use it when one side must tell another that something is done, any number of
@@ -84,8 +86,8 @@ class Completion(Resource):
 
     def __init__(self) -> None:
         self._closed = True  # until every fd exists, for __del__
-        self._pollers = threading.local()
         self._waitq: _waitq.WaitQueue[None, Ring] = _waitq.WaitQueue(self, _closed_error)
+        self._ring_turn, self._ring_all = Ring.TURN, Ring.ALL
         self._count = self._all = -1
         self._count = _fd.eventfd(semaphore=True)
         try:
@@ -99,8 +101,8 @@ class Completion(Resource):
     @classmethod
     def _adopt(cls, count: int, all_: int) -> Self:
         self = cls.__new__(cls)
-        self._pollers = threading.local()
         self._waitq = _waitq.WaitQueue(self, _closed_error)
+        self._ring_turn, self._ring_all = Ring.TURN, Ring.ALL
         self._count, self._all = count, all_
         self._waitq.watch(count, all_)
         self._closed = False
@@ -120,9 +122,7 @@ class Completion(Resource):
                 full: about 2**64 of them).
             ClosedResourceError: the completion was closed in this process.
         """
-        self._check_open()
-        if not _fd.write_eventfd(self._count, 1):
-            raise OverflowError("too many completions are pending (the eventfd is full)")
+        self._complete()  # in C: raises ClosedResourceError once closed, too
 
     def complete_all(self) -> None:
         """Let every current and future `wait()` through, until `reinit()`.
@@ -149,10 +149,7 @@ class Completion(Resource):
             ClosedResourceError: the completion was closed in this process.
         """
         self._check_open()
-        all_done, available = self._poll()
-        if all_done:
-            return True
-        return available and _fd.read_eventfd(self._count) != 0
+        return self._try_take()
 
     def done(self) -> bool:
         """Whether a `wait()` would get through now. Never takes anything.
@@ -180,17 +177,16 @@ class Completion(Resource):
         """
         queue = self._waitq
         # The fast path, without a lock or a loop round trip: nobody of this process is
-        # in line (pending, or woken and not run yet) and a count is there.
-        if not (queue.waiting or queue.turns) and self.try_wait():
+        # in line (pending, or woken and not run yet) and a count is there (try_wait()
+        # past its check: _try_take raises ClosedResourceError once closed, too).
+        if not (queue.waiting or queue.turns) and self._try_take():
             return
         await queue.wait_turn(None, self._take)
 
-    def _take(self, ring: Ring) -> bool:
-        """A woken waiter's turn (lock held): take a count, or pass while all are done."""
-        if ring is Ring.ALL:
-            return True
-        # Woken by `count`: most likely there, so read first.
-        return _fd.read_eventfd(self._count) != 0 or self._poll()[0]
+    # _take(ring) (a woken waiter's turn, lock held: take a count, or pass while all
+    # are done) is _waitc.CompletionCore's, in C, as are _try_take() (try_wait() past
+    # its check), _complete() (complete()'s write), _poll() and _on_readable: they run
+    # on every hand-off.
 
     def wait_blocking(self, timeout: float | None = None) -> bool:
         """`wait()` for code without a running loop: block this thread until it takes one.
@@ -248,40 +244,12 @@ class Completion(Resource):
     def _all_done(self) -> bool:
         return self._poll()[0]
 
-    def _poll(self) -> tuple[bool, bool]:
-        """(all done, a count is available) now: one zero-timeout poll, nothing read."""
-        # One poll object per thread (one refuses concurrent polls), kept: building one
-        # per call costs more than the poll(2) itself, and this is every wait's path.
-        try:
-            poller: select.poll = self._pollers.poller
-        except AttributeError:
-            count, all_ = self._count, self._all
-            if count < 0:  # closed (by another thread) since the caller's check
-                raise _closed_error() from None
-            poller = select.poll()
-            poller.register(count, select.POLLIN)
-            poller.register(all_, select.POLLIN)
-            self._pollers.poller = poller
-            self._pollers.all = all_
-        all_done = available = False
-        for fd, events in poller.poll(0):
-            if events & select.POLLIN:
-                if fd == self._pollers.all:
-                    all_done = True
-                else:
-                    available = True
-        return all_done, available
-
     # -- ringing (the fd callback) ----------------------------------------------------
-
-    def _on_readable(self, slot: _waitq.LoopSlot[None, Ring], fd: int) -> None:
-        # Called with the lock held (see _waitq.Owner). Reads nothing: see the module doc.
-        queue = self._waitq
-        if fd == self._all:  # complete_all() is in force: everyone goes, taking nothing
-            for waiter in queue.pending(slot):
-                waiter.release(Ring.ALL)
-        else:
-            queue.ring(slot, Ring.TURN)
+    #
+    # _on_readable(slot, fd) is _waitc.CompletionCore's. Called with the lock held, it
+    # reads nothing (see the module doc): an event of `count` rings the oldest waiter
+    # of the slot's loop for its turn (`WaitQueue.ring`, with Ring.TURN); one of `all`
+    # releases every waiter of that loop with Ring.ALL, taking nothing.
 
     # -- sharing ----------------------------------------------------------------------
 

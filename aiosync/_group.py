@@ -38,7 +38,6 @@ with False (a Barrier's own abort releases its own syncs).
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import enum
 import os
@@ -58,6 +57,7 @@ from ._barrier import (
     start_wait,
 )
 from ._resource import Resource
+from ._waitc import Gather, Share
 
 __all__ = ["BarrierGroup", "GroupResult"]
 
@@ -181,6 +181,7 @@ class BarrierGroup(Resource):
                 barrier.close()
             raise
         self._members = tuple(barriers)
+        self._ready = False  # every member has its child (see _check_ready)
         self._closed = False
 
     # -- the members ------------------------------------------------------------------
@@ -353,8 +354,10 @@ class BarrierGroup(Resource):
                 `aiosync.create_subprocess_exec`, or call `attach`).
             ClosedResourceError: the group (or a member) was closed, before or during the wait.
         """
-        self.place()  # an aborted member places nothing, and its sync says so
-        return await self._sync(abort_on_failure)
+        self._check_ready()
+        # Each member places and starts its sync in one step (an aborted member places
+        # nothing, and its sync says so), as place() then sync() would.
+        return await self._sync(abort_on_failure, place=True)
 
     async def wait_abortion(self) -> GroupResult:
         """Wait until any child aborts or exits (this side's own abort does not count).
@@ -373,64 +376,73 @@ class BarrierGroup(Resource):
         """
         self._check_ready()
         if not any(b.they_aborted for b in self._members):
-            parked: dict[asyncio.Future[bool], tuple[Barrier, Waiter]] = {}
+            gather = Gather(True)  # first
+            parked: dict[Share, tuple[Barrier, Waiter]] = {}
             try:
                 for barrier in self._members:
-                    started = start_wait(barrier, UNTIL_ABORTED)
+                    share = gather.share()
+                    started = start_wait(barrier, UNTIL_ABORTED, False, share)
                     if type(started) is bool:
                         break  # a wait of another task or thread just found one
-                    parked[started.future] = (barrier, started)
+                    parked[share] = (barrier, started)
                 else:
-                    for future in await _wait(parked, first=True):
-                        del parked[future]
-                        future.result()  # ClosedResourceError if closed meanwhile
+                    for share in await _wait(parked, gather):
+                        del parked[share]
+                        share.result()  # ClosedResourceError if closed meanwhile
             finally:
-                _abandon(parked.values())
+                if parked:
+                    _abandon(parked.values())
         return self._result([_abortion(b) for b in self._members])
 
-    async def _sync(self, abort_on_failure: bool) -> GroupResult:
+    async def _sync(self, abort_on_failure: bool, place: bool = False) -> GroupResult:
         members = self._members
         outcomes: list[Outcome | None] = [None] * len(members)
-        parked: dict[asyncio.Future[bool], tuple[Barrier, Waiter]] = {}
-        index: dict[asyncio.Future[bool], int] = {}
+        gather = Gather(abort_on_failure)  # first
+        parked: dict[Share, tuple[Barrier, Waiter]] = {}
+        index: dict[Share, int] = {}
         try:
             for i, barrier in enumerate(members):
-                started = start_wait(barrier, 0)
+                share = gather.share()
+                # With `place`: place() and this member's half of the sync in one step.
+                started = start_wait(barrier, 0, place, share)
                 if type(started) is bool:
+                    share.set_result(started)  # nothing to wait for: counted as done
                     outcomes[i] = _outcome(barrier, started)
                 else:
-                    parked[started.future] = (barrier, started)
-                    index[started.future] = i
+                    parked[share] = (barrier, started)
+                    index[share] = i
             if abort_on_failure and any(o in FAILED for o in outcomes):
                 self.abort()  # releases every parked sync with False
             while parked:
-                for future in await _wait(parked, first=abort_on_failure):
-                    barrier, _ = parked.pop(future)
+                for share in await _wait(parked, gather):
+                    barrier, _ = parked.pop(share)
                     # Sorted as it is released, before anything else can change the
                     # member (a wait_abortion() of another task reading on, say).
-                    outcome = _outcome(barrier, future.result())  # raises if closed
-                    outcomes[index[future]] = outcome
+                    outcome = _outcome(barrier, share.result())  # raises if closed
+                    outcomes[index[share]] = outcome
                     if abort_on_failure and outcome in FAILED:
                         self.abort()
         finally:
-            _abandon(parked.values())
+            if parked:  # cancelled, timed out, or a member closed meanwhile
+                _abandon(parked.values())
         return self._result(outcomes)
 
     def _result(self, outcomes: list[Outcome | None]) -> GroupResult:
         """The children by outcome (None: not reported), in group order."""
-        by: dict[Outcome | None, list[int]] = {o: [] for o in (*Outcome, None)}
+        by: tuple[list[int], ...] = ([], [], [], [], [])  # per Outcome, then None
         pids: list[int] = []
         for barrier, outcome in zip(self._members, outcomes, strict=True):
             pid = barrier.peer_pid
             assert pid is not None  # _check_ready
             pids.append(pid)
-            by[outcome].append(pid)
+            by[UNREPORTED if outcome is None else outcome].append(pid)
+        # synced, aborted, died, stopped, pids (positional: no keyword dict each round)
         return GroupResult(
-            synced=tuple(by[Outcome.SYNCED]),
-            aborted=tuple(by[Outcome.ABORTED]),
-            died=tuple(by[Outcome.DIED]),
-            stopped=tuple(by[Outcome.STOPPED]),
-            pids=tuple(pids),
+            tuple(by[SYNCED]),
+            tuple(by[ABORTED]),
+            tuple(by[DIED]),
+            tuple(by[STOPPED]),
+            tuple(pids),
         )
 
     # -- life cycle -------------------------------------------------------------------
@@ -449,13 +461,16 @@ class BarrierGroup(Resource):
 
     def _check_ready(self) -> None:
         self._check_open()
-        for i, barrier in enumerate(self._members):
-            if barrier.peer_pid is None or barrier.role is not Role.PARENT:
-                raise RuntimeError(
-                    f"member {i} has no child yet: share it with "
-                    "aiosync.create_subprocess_exec(..., share={...}), or start the child "
-                    f"otherwise and call attach({i}, pid)"
-                )
+        if not self._ready:  # once every member has its child (a pid, PARENT), it stays so
+            for i, barrier in enumerate(self._members):
+                if barrier.peer_pid is None or barrier.role is not Role.PARENT:
+                    raise RuntimeError(
+                        f"member {i} has no child yet: share it with "
+                        "aiosync.create_subprocess_exec(..., share={...}), or start the "
+                        f"child otherwise and call attach({i}, pid)"
+                    )
+            self._ready = True
+        for barrier in self._members:
             check_ready(barrier)  # ClosedResourceError if the member was closed alone
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -467,28 +482,19 @@ class BarrierGroup(Resource):
         return f"<aiosync.BarrierGroup n={len(self._members)} pids={list(self.pids)}>"
 
 
-async def _wait(
-    parked: dict[asyncio.Future[bool], tuple[Barrier, Waiter]], *, first: bool
-) -> set[asyncio.Future[bool]]:
-    """The parked futures that are done: the first one(s), or all of them.
+async def _wait(parked: dict[Share, tuple[Barrier, Waiter]], gather: Gather) -> list[Share]:
+    """The parked waiters' shares that are done: the first one(s), or all of them.
 
-    On cancellation the caller abandons the waiters (which also gives back anything
-    one was handed in the meantime).
+    One future for all of them (the gather's): set when the last share is resolved, or
+    the first with ``first=True``, or at once when one fails (a member closed
+    meanwhile). On cancellation the caller abandons the waiters (which also gives back
+    anything one was handed in the meantime).
     """
-    done = {future for future in parked if future.done()}
+    done = [share for share in parked if share.done()]
     if done:  # released meanwhile (by our own abort, say): no need to wait
         return done
-    if len(parked) == 1:  # awaited directly, as Barrier.sync() awaits its own
-        (future,) = parked
-        try:
-            await future
-        except Exception:
-            pass  # the caller takes it from future.result()
-        return {future}
-    # All of them, but at once if one fails (a member closed meanwhile).
-    when = asyncio.FIRST_COMPLETED if first else asyncio.FIRST_EXCEPTION
-    done, _ = await asyncio.wait(parked, return_when=when)
-    return done
+    await gather.arm()
+    return [share for share in parked if share.done()]
 
 
 class Outcome(enum.IntEnum):
@@ -503,25 +509,30 @@ class Outcome(enum.IntEnum):
 FAILED: Final = (Outcome.ABORTED, Outcome.DIED)
 
 
+# The outcomes as plain names (each round sorts every member: no enum lookups there).
+SYNCED, ABORTED, DIED, STOPPED = Outcome
+UNREPORTED: Final = len(Outcome)  # where _result files a child without an outcome
+
+
 def _outcome(barrier: Barrier, synced: bool) -> Outcome:
     """A member's outcome, from the result of its sync and its state now."""
     if synced:
-        return Outcome.SYNCED
+        return SYNCED
     if barrier.peer_exited:
-        return Outcome.DIED
+        return DIED
     if barrier.they_aborted:
-        return Outcome.ABORTED
+        return ABORTED
     if caught_up(barrier):
-        return Outcome.SYNCED  # it had caught up: only this side's abort said False
-    return Outcome.STOPPED
+        return SYNCED  # it had caught up: only this side's abort said False
+    return STOPPED
 
 
 def _abortion(barrier: Barrier) -> Outcome | None:
     """A member's outcome for wait_abortion(): only children that aborted or died."""
     if barrier.peer_exited:
-        return Outcome.DIED
+        return DIED
     if barrier.they_aborted:
-        return Outcome.ABORTED
+        return ABORTED
     return None
 
 

@@ -49,6 +49,14 @@ first) and the loop registrations of the fds they wait on.
   that stops the release of other loops' waiters or a ``close()``.
 * In a forked child the parent's loops are not ours: every queue forgets its
   registrations (without touching the shared epoll instance) and gets a fresh lock.
+
+What runs on every event and every wait is in C, in `_waitc` (docs/design.md §2): the
+`Waiter` and its transitions, the `LoopSlot`, the queue's fields with `park`, `first`,
+`pending` and `ring` (its base class `_waitc.Core`), and the loop's callback
+(`_waitc.dispatch`); the primitives' own per-event work is there too (a Barrier's read
+loop, a Completion's takes). This module keeps the rest: loops coming and going,
+registrations, waiting in line for a turn, abandoning, the blocking twins, closing and
+fork.
 """
 
 from __future__ import annotations
@@ -56,22 +64,20 @@ from __future__ import annotations
 import asyncio
 import asyncio.selector_events
 import os
-import select
 import threading
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Final, Generic, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from . import _fd
 from ._errors import ClosedResourceError
+from ._waitc import ABANDONED, PENDING, RELEASED, Core, LoopSlot, RLock, Waiter, dispatch
+
+__all__ = ["ABANDONED", "PENDING", "RELEASED", "LoopSlot", "Owner", "WaitQueue", "Waiter"]
 
 C = TypeVar("C")  # what a waiter waits for (the primitive's own type)
 R = TypeVar("R")  # what it is handed when released
-
-PENDING: Final = 0  # in its slot's queue, not yet released
-RELEASED: Final = 1  # handed its result, or woken for its turn
-ABANDONED: Final = 2  # stopped waiting before it was released (or its loop was closed)
 
 
 class Owner(Protocol):
@@ -82,103 +88,6 @@ class Owner(Protocol):
 
         Called in that loop's thread, with the queue's lock held.
         """
-
-
-class Waiter(Generic[C, R]):
-    """One task waiting on a `WaitQueue` for `cond` (the primitive's own condition)."""
-
-    __slots__ = ("cond", "future", "slot", "state")
-
-    def __init__(self, future: asyncio.Future[R], cond: C, slot: LoopSlot[C, R]) -> None:
-        self.future = future
-        self.cond = cond
-        self.slot = slot
-        self.state = PENDING
-
-    def release(self, result: R) -> None:
-        """Hand `result` to this pending waiter (from any thread; lock held)."""
-        slot = self.slot
-        if slot.thread != threading.get_ident():
-            self._resolve(_set_result, result)
-            return
-        # _resolve, inlined for the waiter's own thread: this runs once per wait.
-        self.state = RELEASED
-        slot.live -= 1
-        slot.queue.waiting -= 1
-        try:
-            self.future.set_result(result)
-        except RuntimeError:  # its loop was closed: nobody will ever take it
-            self.state = ABANDONED
-
-    def fail(self, exc: BaseException) -> None:
-        """Raise `exc` in this pending waiter (from any thread; lock held)."""
-        self._resolve(_set_exception, exc)
-
-    def _resolve(self, how: Callable[[asyncio.Future[R], Any], None], value: Any) -> None:
-        slot = self.slot
-        self.state = RELEASED
-        slot.live -= 1
-        slot.queue.waiting -= 1
-        try:
-            if slot.thread == threading.get_ident():
-                how(self.future, value)
-            else:
-                slot.loop.call_soon_threadsafe(how, self.future, value)
-        except RuntimeError:  # its loop was closed: nobody will ever take it
-            self.state = ABANDONED
-
-    def _abandon(self) -> None:
-        """Its task stopped waiting (lock held)."""
-        slot = self.slot
-        if self.state == PENDING:
-            self.state = ABANDONED
-            slot.live -= 1
-            slot.queue.waiting -= 1
-        if slot.woken is self:  # woken for a turn it will not take: took nothing
-            slot.woken = None
-            slot.queue.turns -= 1
-
-
-def _set_result(future: asyncio.Future[Any], result: Any) -> None:
-    if not future.done():  # cancelled meanwhile: a snapshot nobody needs
-        future.set_result(result)
-
-
-def _set_exception(future: asyncio.Future[Any], exc: BaseException) -> None:
-    if not future.done():
-        future.set_exception(exc)
-
-
-class LoopSlot(Generic[C, R]):
-    """The waiters and the registrations of one event loop."""
-
-    __slots__ = (
-        "live",
-        "loop",
-        "pollers",
-        "queue",
-        "registered",
-        "stale",
-        "stale_events",
-        "thread",
-        "waiters",
-        "woken",
-    )
-
-    def __init__(self, queue: WaitQueue[C, R], loop: asyncio.AbstractEventLoop) -> None:
-        self.queue = queue
-        self.loop = loop
-        self.thread = threading.get_ident()
-        self.waiters: deque[Waiter[C, R]] = deque()
-        self.live = 0  # waiters in state PENDING
-        self.woken: Waiter[C, R] | None = None  # woken for its turn, has not run yet
-        self.registered = False
-        # The standard loop runs callbacks already scheduled (a woken waiter's task)
-        # before the handles of the fd events it just collected: an event may then
-        # report what that waiter has since taken. uvloop runs fd callbacks first.
-        self.stale_events = isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop)
-        self.stale = False  # a woken waiter took its turn since the last event
-        self.pollers: dict[int, select.poll] = {}  # fd -> a kept poll object, for `stale`
 
 
 _queues: weakref.WeakSet[WaitQueue[Any, Any]] = weakref.WeakSet()
@@ -192,70 +101,30 @@ def _forget_parent_loops() -> None:
 os.register_at_fork(after_in_child=_forget_parent_loops)
 
 
-def _dispatch(
-    queue_ref: weakref.ref[WaitQueue[Any, Any]], slot: LoopSlot[Any, Any], fd: int
-) -> None:
-    queue = queue_ref()
-    owner = None if queue is None else queue._owner()
-    if queue is None or owner is None:  # finalized without close(): __del__ prevents this
-        slot.loop.remove_reader(fd)
-        return
-    with queue.lock:
-        if slot.stale:
-            # The first event after a woken waiter took its turn may report what it
-            # took: ringing for it would wake the next waiter for nothing.
-            slot.stale = False
-            poller = slot.pollers.get(fd)
-            if poller is None:  # kept: building one costs as much as the poll itself
-                poller = slot.pollers[fd] = select.poll()
-                poller.register(fd, select.POLLIN)
-            if not poller.poll(0):
-                return
-        if not slot.live or queue.first(slot) is None:
-            # Nobody of this loop waits (a waiter whose task was cancelled but has not
-            # resumed yet does not count: `first` settles it). Read nothing, and drop
-            # the registration rather than be called again and again for an fd nobody
-            # asked about; but not while a woken waiter has not run (it may need the
-            # registration again).
-            if slot.woken is None:
-                queue._unregister(slot)
-            return
-        owner._on_readable(slot, fd)
-
-
-class WaitQueue(Generic[C, R]):
+class WaitQueue(Core[C, R]):
     """The waiters of one primitive, per event loop, and the fds they wait on.
 
     The primitive checks its condition and parks a waiter under ``lock`` (so a release
     can never slip between the two), then awaits `wait` (or the whole of `wait_turn`).
+
+    The fields, `park` and the releasing side (`first`, `pending`, `ring`, and
+    `Waiter.release`) are `_waitc.Core`'s, in C: they run on every wait and event.
     """
 
-    __slots__ = (
-        "__weakref__",
-        "_closed",
-        "_closed_error",
-        "_fds",
-        "_owner",
-        "_slots",
-        "blockers",
-        "lock",
-        "turns",
-        "waiting",
-    )
+    __slots__ = ("__weakref__",)
 
     def __init__(self, owner: Owner, closed_error: Callable[[], ClosedResourceError]) -> None:
         # Re-entrant: a pending task of a closed loop that is garbage-collected while
         # this thread holds the lock (an allocation can trigger the collector anywhere)
-        # closes its coroutine, which abandons its waiter under the lock again.
-        self.lock = threading.RLock()
+        # closes its coroutine, which abandons its waiter under the lock again. The C
+        # code takes it without a Python call.
+        self.lock = RLock()
         self._owner = weakref.ref(owner)
         self._closed_error = closed_error
-        self._fds: tuple[int, ...] = ()
-        self._slots: dict[asyncio.AbstractEventLoop, LoopSlot[C, R]] = {}
-        self._closed = False
-        self.waiting = 0  # pending waiters over all loops
-        self.turns = 0  # waiters woken for their turn that have not run yet, all loops
-        self.blockers: dict[int, int] = {}  # thread -> wake eventfd of its blocking wait
+        # And from Core: _fds = (), _slots = {} (loop -> LoopSlot), _closed = False,
+        # waiting = 0 (pending waiters over all loops), turns = 0 (waiters woken for
+        # their turn that have not run yet, all loops), blockers = {} (thread -> wake
+        # eventfd of its blocking wait).
         _queues.add(self)
 
     @property
@@ -269,35 +138,8 @@ class WaitQueue(Generic[C, R]):
 
     # -- the waiting side -------------------------------------------------------------
 
-    def park(self, cond: C) -> Waiter[C, R]:
-        """Queue a waiter of the running loop for `cond`. Call with ``lock`` held.
-
-        Raises the primitive's `ClosedResourceError` if it was closed, by any thread.
-        """
-        if self._closed:
-            raise self._closed_error()
-        loop = asyncio.get_running_loop()
-        slot = self._slots.get(loop)
-        if slot is None:
-            slot = self._new_slot(loop)
-        return self._park(slot, cond)
-
-    def _park(self, slot: LoopSlot[C, R], cond: C) -> Waiter[C, R]:
-        waiter: Waiter[C, R] = Waiter(slot.loop.create_future(), cond, slot)
-        slot.waiters.append(waiter)
-        slot.live += 1
-        self.waiting += 1
-        if not slot.registered:
-            self._register(slot)
-        return waiter
-
-    async def wait(self, waiter: Waiter[C, R]) -> R:
-        """Wait for `waiter` to be released; on cancellation, leave nothing behind."""
-        try:
-            return await waiter.future
-        except BaseException:
-            self.abandon(waiter)
-            raise
+    # wait(waiter) is Core's, in C: await it to wait for `waiter` to be released; on any
+    # exception (cancellation, a timeout, the coroutine closed) it calls `abandon`.
 
     def abandon(self, waiter: Waiter[C, R]) -> None:
         """`waiter`'s task stopped waiting (cancelled, timed out, failed)."""
@@ -306,86 +148,19 @@ class WaitQueue(Generic[C, R]):
             if waiter.state == ABANDONED:
                 self._compact(waiter.slot)
 
-    async def wait_turn(self, cond: C, take: Callable[[R], bool]) -> None:
-        """Wait in line until `take` succeeds in this task.
-
-        The caller has tried its fast path already (a take when nobody of this process
-        is in line: ``waiting`` and ``turns`` both 0). This parks a waiter at the end of
-        its loop's line; each time a ring wakes it, ``take(result)`` runs in this task
-        with the lock held; if it finds nothing, the waiter waits again at the head of
-        the line. On cancellation nothing is left behind, and nothing was taken.
-        """
-        with self.lock:
-            waiter = self.park(cond)
-        slot = waiter.slot
-        loop = slot.loop
-        while True:
-            try:
-                result = await waiter.future
-            except BaseException:
-                self.abandon(waiter)
-                raise
-            with self.lock:
-                if slot.woken is waiter:
-                    slot.woken = None
-                    self.turns -= 1
-                if self._closed:
-                    raise self._closed_error()
-                if take(result):
-                    slot.stale = slot.stale_events
-                    return
-                # Another process was faster: wait again, first in line.
-                waiter.future = loop.create_future()
-                waiter.state = PENDING
-                slot.waiters.appendleft(waiter)
-                slot.live += 1
-                self.waiting += 1
-                if not slot.registered:
-                    self._register(slot)
+    # wait_turn(cond, take) is Core's too: await it to wait in line until `take`
+    # succeeds in this task. The caller has tried its fast path already (a take when
+    # nobody of this process is in line: ``waiting`` and ``turns`` both 0). It parks a
+    # waiter at the end of its loop's line; each time a ring wakes it, ``take(result)``
+    # runs in this task with the lock held; if it finds nothing, the waiter waits again
+    # at the head of the line. On cancellation nothing is left behind, and nothing was
+    # taken.
 
     # -- the releasing side (lock held) ----------------------------------------------
 
     def slots(self) -> Iterator[LoopSlot[C, R]]:
         """Every loop's slot (releasing never adds or removes one)."""
         return iter(self._slots.values())
-
-    def first(self, slot: LoopSlot[C, R]) -> Waiter[C, R] | None:
-        """The oldest pending waiter of `slot` (dropping dead ones before it), or None."""
-        waiters = slot.waiters
-        while waiters:
-            waiter = waiters[0]
-            if waiter.state == PENDING and not waiter.future.done():
-                return waiter
-            waiters.popleft()
-            self._settle(waiter)
-        return None
-
-    def pending(self, slot: LoopSlot[C, R]) -> list[Waiter[C, R]]:
-        """All pending waiters of `slot`, oldest first; dead ones are dropped."""
-        if not slot.live:  # nothing to hand out here; dead ones go with the next hand-out
-            return []
-        waiters = slot.waiters
-        if len(waiters) == 1:  # the usual case, without a list comprehension's frame
-            waiter = waiters[0]
-            if waiter.state == PENDING and not waiter.future.done():
-                return [waiter]
-        alive = [w for w in waiters if w.state == PENDING and not w.future.done()]
-        if len(alive) != len(waiters):
-            for waiter in waiters:
-                self._settle(waiter)
-            slot.waiters = deque(alive)
-        return alive
-
-    def ring(self, slot: LoopSlot[C, R], result: R) -> None:
-        """Wake the oldest waiter of `slot` for its turn, unless one woken has not run yet."""
-        if slot.woken is None and (waiter := self.first(slot)) is not None:
-            slot.waiters.popleft()
-            slot.woken = waiter
-            self.turns += 1
-            waiter.release(result)
-            if waiter.state == ABANDONED:  # its loop is closed
-                slot.woken = None
-                self.turns -= 1
 
     def reregister(self, slot: LoopSlot[C, R]) -> None:
         """Register `slot`'s fds afresh (in its loop's thread, lock held).
@@ -396,12 +171,6 @@ class WaitQueue(Generic[C, R]):
         self._unregister(slot)
         if slot.live:
             self._register(slot)
-
-    def _settle(self, waiter: Waiter[C, R]) -> None:
-        # A waiter whose future is done but which we never released was cancelled and
-        # its task has not resumed yet: it must not be handed anything.
-        if waiter.state == PENDING and waiter.future.done():
-            waiter._abandon()
 
     def _compact(self, slot: LoopSlot[C, R]) -> None:
         # Abandoned waiters are normally dropped when things are handed out; if nothing
@@ -454,14 +223,18 @@ class WaitQueue(Generic[C, R]):
             dead = self._slots.pop(old)
             self.waiting -= dead.live
             self.turns -= dead.woken is not None
-        slot: LoopSlot[C, R] = LoopSlot(self, loop)
+        # The standard loop runs callbacks already scheduled (a woken waiter's task)
+        # before the handles of the fd events it just collected: an event may then
+        # report what that waiter has since taken. uvloop runs fd callbacks first.
+        stale_events = isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop)
+        slot: LoopSlot[C, R] = LoopSlot(self, loop, stale_events)
         self._slots[loop] = slot
         return slot
 
     def _register(self, slot: LoopSlot[C, R]) -> None:
         queue_ref = weakref.ref(self)
         for fd in self._fds:
-            slot.loop.add_reader(fd, _dispatch, queue_ref, slot, fd)
+            slot.loop.add_reader(fd, dispatch, queue_ref, slot, fd)
         slot.registered = True
 
     def _unregister(self, slot: LoopSlot[C, R]) -> None:
@@ -523,7 +296,7 @@ class WaitQueue(Generic[C, R]):
             countdown.done()
 
     def _after_fork(self) -> None:
-        self.lock = threading.RLock()
+        self.lock = RLock()
         self._slots = {}
         self.waiting = self.turns = 0
         for wake in self.blockers.values():  # the parent's threads are not here
