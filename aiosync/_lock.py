@@ -229,11 +229,12 @@ class _Robust(Resource):
         with queue.lock:
             if self._closed:
                 raise self._closed_error()
+            # The first of this process joins the line, then looks (a release either
+            # sees us in the line or happened before this look). Later ones queue
+            # behind the waiters already there, without looking.
+            acquired = self._enter_line()  # on failure it has left the line itself
             try:
-                # The first of this process joins the line, then looks (a release
-                # either sees us in the line or happened before this look). Later ones
-                # queue behind the waiters already there, without looking.
-                acquired = self._enter_line() or (self._in_line == 1 and self._try_take())
+                acquired = acquired or (self._in_line == 1 and self._try_take())
             except BaseException:
                 self._leave_line(False)
                 raise
