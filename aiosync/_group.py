@@ -483,8 +483,7 @@ class BarrierGroup(Resource):
                         f"child otherwise and call attach({i}, pid)"
                     )
             self._ready = True
-        for barrier in self._members:
-            check_ready(barrier)  # ClosedResourceError if the member was closed alone
+        check_ready(self._members)  # ClosedResourceError if a member was closed alone
 
     def __reduce__(self) -> tuple[Any, ...]:
         return _share.reduce(self)
