@@ -336,6 +336,14 @@ do_method1(PyObject *self, PyObject *name, PyObject *arg)
     return r == NULL ? -1 : 0;
 }
 
+static int
+do_method2(PyObject *self, PyObject *name, PyObject *a, PyObject *b)
+{
+    PyObject *r = call_method2(self, name, a, b);
+    Py_XDECREF(r);
+    return r == NULL ? -1 : 0;
+}
+
 /* future.done(): 1, 0, or -1 with an exception set. */
 static int
 future_done(waitc_state *st, PyObject *future)
@@ -2023,11 +2031,12 @@ dispatch_locked(waitc_state *st, Core *queue, LoopSlot *slot, PyObject *owner,
     }
     if (w == NULL) {
         /* Nobody of this loop waits (a waiter whose task was cancelled but has not
-         * resumed yet does not count: `first` settles it). Read nothing, and drop the
-         * registration rather than be called again and again for an fd nobody asked
-         * about; but not while a woken waiter has not run (it may need it again). */
+         * resumed yet does not count: `first` settles it). Read nothing, and drop this
+         * fd's registration (the others stay until they fire too) rather than be called
+         * again and again for an fd nobody asked about; but not while a woken waiter
+         * has not run (it may need it again). */
         if (slot->woken == Py_None) {
-            return do_method1((PyObject *)queue, st->s_unregister, (PyObject *)slot);
+            return do_method2((PyObject *)queue, st->s_unregister, (PyObject *)slot, fd_obj);
         }
         return 0;
     }
