@@ -253,15 +253,17 @@ class WaitQueue(Core[C, R]):
         loop waiting: the others stay, until they fire too or the queue closes; a group
         whose member's peer runs a round ahead then re-adds one reader, not all). Call
         in its loop's thread, ``lock`` held."""
-        kept = self._registered(slot)
-        gone = kept if fd is None else tuple(f for f in kept if f == fd)
+        kept = self._fds if slot.registered else self._partly.pop(slot, ())
         slot.registered = False
-        kept = tuple(f for f in kept if f not in gone)
+        if fd is None:
+            gone, kept = kept, ()
+        elif fd in kept:
+            gone, kept = (fd,), tuple([f for f in kept if f != fd])
+        else:
+            gone = ()
         if kept:
             self._partly[slot] = kept
-        else:
-            self._partly.pop(slot, None)
-        if not slot.loop.is_closed():
+        if gone and not slot.loop.is_closed():
             for f in gone:
                 slot.loop.remove_reader(f)
 
