@@ -13,8 +13,9 @@ first) and the loop registrations of the fds they wait on.
   waiter of a loop makes it; it is kept while waiters come and go, dropped lazily the
   first time the fd fires while nobody of that loop waits (that fd's alone: the
   others stay until they fire too, and the next waiter adds back only what was
-  dropped), and always before the fd is closed. (The standard loop may report an event after a woken waiter took what
-  it announced: the first event after a turn is checked with a zero-timeout poll.)
+  dropped), and always before the fd is closed. (The standard loop may report an
+  event after a woken waiter took what it announced: the first event after a turn is
+  checked with a zero-timeout poll.)
   The loop's callback holds only a weak reference to the queue, so a primitive dropped
   without ``close()`` is still finalized (and warns).
 * **The primitive decides** what an event means in its ``_on_readable(slot, fd)``,
