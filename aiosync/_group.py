@@ -232,7 +232,7 @@ class BarrierGroup(Resource):
         elif barrier.role is not Role.PARENT:
             raise RuntimeError(f"member {index} is the CHILD side; a group is the parent's")
         set_peer_pid(barrier, pid)
-        self._all_synced = None
+        self._all_synced = None  # its pids changed
 
     def child(self, index: int) -> Barrier:
         """In a child forked with the whole group: keep member `index`, close the rest.
