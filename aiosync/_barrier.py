@@ -645,8 +645,14 @@ def _closed_error() -> ClosedResourceError:
 # called once per member and round, it makes no Python call on the way.)
 start_wait: Final = _waitc.BarrierCore._start_wait
 
-# check_ready(barrier): raise as a wait of `barrier` would: no role yet, or closed.
-check_ready: Final = Barrier._check_ready
+
+def check_ready(barriers: tuple[Barrier, ...]) -> None:
+    """Raise as a wait of the first of `barriers` not ready would: no role yet, or
+    closed. (One call for a whole group, every round: the test is Barrier._check_ready's
+    own, made without a call per barrier when all is well.)"""
+    for barrier in barriers:
+        if barrier._role is None or barrier._closed:
+            barrier._check_ready()
 
 
 def queue_of(barrier: Barrier) -> _waitq.WaitQueue[Cond, bool]:

@@ -119,15 +119,15 @@ class GroupResult:
     @property
     def ok(self) -> bool:
         """Nobody aborted, died or was stopped: after a sync, every child synced."""
-        return not (self.aborted or self.died or self.stopped)
+        return self.__bool__()
 
     @property
     def failed(self) -> tuple[int, ...]:
         """Children that failed on their own: they aborted or died."""
         return self.aborted + self.died
 
-    def __bool__(self) -> bool:
-        return self.ok
+    def __bool__(self) -> bool:  # `ok`, in one call: every round asks it
+        return not (self.aborted or self.died or self.stopped)
 
 
 @_share.unshareable(
@@ -182,6 +182,10 @@ class BarrierGroup(Resource):
             raise
         self._members = tuple(barriers)
         self._ready = False  # every member has its child (see _check_ready)
+        # Every child's pid, then the result of a round every child synced in: made
+        # once (a GroupResult is immutable), dropped when attach() changes a pid.
+        self._pids: tuple[int, ...] = ()
+        self._all_synced: GroupResult | None = None
         self._closed = False
 
     # -- the members ------------------------------------------------------------------
@@ -228,6 +232,7 @@ class BarrierGroup(Resource):
         elif barrier.role is not Role.PARENT:
             raise RuntimeError(f"member {index} is the CHILD side; a group is the parent's")
         set_peer_pid(barrier, pid)
+        self._all_synced = None  # its pids changed
 
     def child(self, index: int) -> Barrier:
         """In a child forked with the whole group: keep member `index`, close the rest.
@@ -377,29 +382,29 @@ class BarrierGroup(Resource):
         self._check_ready()
         if not any(b.they_aborted for b in self._members):
             gather = Gather(True)  # first
-            parked: dict[Share, tuple[Barrier, Waiter]] = {}
+            parked: dict[Share, tuple[int, Waiter]] = {}
             try:
-                for barrier in self._members:
+                for i, barrier in enumerate(self._members):
                     share = gather.share()
                     started = start_wait(barrier, UNTIL_ABORTED, False, share)
                     if type(started) is bool:
                         break  # a wait of another task or thread just found one
-                    parked[share] = (barrier, started)
+                    parked[share] = (i, started)
                 else:
-                    for share in await _wait(parked, gather):
+                    await gather.arm()
+                    for share in [share for share in parked if share.done()]:
                         del parked[share]
                         share.result()  # ClosedResourceError if closed meanwhile
             finally:
                 if parked:
-                    _abandon(parked.values())
+                    _abandon(self._members, parked.values())
         return self._result([_abortion(b) for b in self._members])
 
     async def _sync(self, abort_on_failure: bool, place: bool = False) -> GroupResult:
         members = self._members
         outcomes: list[Outcome | None] = [None] * len(members)
         gather = Gather(abort_on_failure)  # first
-        parked: dict[Share, tuple[Barrier, Waiter]] = {}
-        index: dict[Share, int] = {}
+        parked: dict[Share, tuple[int, Waiter]] = {}  # share -> (member index, waiter)
         try:
             for i, barrier in enumerate(members):
                 share = gather.share()
@@ -409,32 +414,40 @@ class BarrierGroup(Resource):
                     share.set_result(started)  # nothing to wait for: counted as done
                     outcomes[i] = _outcome(barrier, started)
                 else:
-                    parked[share] = (barrier, started)
-                    index[share] = i
-            if abort_on_failure and any(o in FAILED for o in outcomes):
+                    parked[share] = (i, started)
+            if abort_on_failure and (ABORTED in outcomes or DIED in outcomes):
                 self.abort()  # releases every parked sync with False
             while parked:
-                for share in await _wait(parked, gather):
-                    barrier, _ = parked.pop(share)
+                # Done at once if the shares it waits for were released already (by
+                # our own abort, say).
+                await gather.arm()
+                for share in [share for share in parked if share.done()]:
+                    i, _ = parked.pop(share)
                     # Sorted as it is released, before anything else can change the
                     # member (a wait_abortion() of another task reading on, say).
-                    outcome = _outcome(barrier, share.result())  # raises if closed
-                    outcomes[index[share]] = outcome
+                    outcome = _outcome(members[i], share.result())  # raises if closed
+                    outcomes[i] = outcome
                     if abort_on_failure and outcome in FAILED:
                         self.abort()
         finally:
             if parked:  # cancelled, timed out, or a member closed meanwhile
-                _abandon(parked.values())
+                _abandon(members, parked.values())
         return self._result(outcomes)
 
     def _result(self, outcomes: list[Outcome | None]) -> GroupResult:
         """The children by outcome (None: not reported), in group order."""
+        if self._all_synced is None:
+            pids = []
+            for barrier in self._members:
+                pid = barrier.peer_pid
+                assert pid is not None  # _check_ready
+                pids.append(pid)
+            self._pids = tuple(pids)
+            self._all_synced = GroupResult(self._pids, (), (), (), self._pids)
+        if outcomes.count(SYNCED) == len(outcomes):  # the usual round: one result for all
+            return self._all_synced
         by: tuple[list[int], ...] = ([], [], [], [], [])  # per Outcome, then None
-        pids: list[int] = []
-        for barrier, outcome in zip(self._members, outcomes, strict=True):
-            pid = barrier.peer_pid
-            assert pid is not None  # _check_ready
-            pids.append(pid)
+        for pid, outcome in zip(self._pids, outcomes, strict=True):
             by[UNREPORTED if outcome is None else outcome].append(pid)
         # synced, aborted, died, stopped, pids (positional: no keyword dict each round)
         return GroupResult(
@@ -442,7 +455,7 @@ class BarrierGroup(Resource):
             tuple(by[ABORTED]),
             tuple(by[DIED]),
             tuple(by[STOPPED]),
-            tuple(pids),
+            self._pids,
         )
 
     # -- life cycle -------------------------------------------------------------------
@@ -470,8 +483,7 @@ class BarrierGroup(Resource):
                         f"child otherwise and call attach({i}, pid)"
                     )
             self._ready = True
-        for barrier in self._members:
-            check_ready(barrier)  # ClosedResourceError if the member was closed alone
+        check_ready(self._members)  # ClosedResourceError if a member was closed alone
 
     def __reduce__(self) -> tuple[Any, ...]:
         return _share.reduce(self)
@@ -480,21 +492,6 @@ class BarrierGroup(Resource):
         if self._closed:
             return f"<aiosync.BarrierGroup n={len(self._members)} closed>"
         return f"<aiosync.BarrierGroup n={len(self._members)} pids={list(self.pids)}>"
-
-
-async def _wait(parked: dict[Share, tuple[Barrier, Waiter]], gather: Gather) -> list[Share]:
-    """The parked waiters' shares that are done: the first one(s), or all of them.
-
-    One future for all of them (the gather's): set when the last share is resolved, or
-    the first with ``first=True``, or at once when one fails (a member closed
-    meanwhile). On cancellation the caller abandons the waiters (which also gives back
-    anything one was handed in the meantime).
-    """
-    done = [share for share in parked if share.done()]
-    if done:  # released meanwhile (by our own abort, say): no need to wait
-        return done
-    await gather.arm()
-    return [share for share in parked if share.done()]
 
 
 class Outcome(enum.IntEnum):
@@ -536,6 +533,8 @@ def _abortion(barrier: Barrier) -> Outcome | None:
     return None
 
 
-def _abandon(parked: Iterable[tuple[Barrier, Waiter]]) -> None:
-    for barrier, waiter in parked:
-        queue_of(barrier).abandon(waiter)
+def _abandon(members: tuple[Barrier, ...], parked: Iterable[tuple[int, Waiter]]) -> None:
+    """Take back the waiters still parked (on the group's way out), as a cancelled
+    `Barrier.sync` takes back its own."""
+    for i, waiter in parked:
+        queue_of(members[i]).abandon(waiter)

@@ -211,6 +211,7 @@ typedef struct {
     PyObject *future; /* the one asyncio future its task awaits, or None between waits */
     Py_ssize_t pending; /* shares not resolved yet */
     char first;         /* wake at the first resolved share (else at the last, or a failure) */
+    char fired;         /* it was due to wake since the last arm() (maybe before any) */
 } Gather;
 
 typedef struct {
@@ -331,6 +332,14 @@ static int
 do_method1(PyObject *self, PyObject *name, PyObject *arg)
 {
     PyObject *r = call_method1(self, name, arg);
+    Py_XDECREF(r);
+    return r == NULL ? -1 : 0;
+}
+
+static int
+do_method2(PyObject *self, PyObject *name, PyObject *a, PyObject *b)
+{
+    PyObject *r = call_method2(self, name, a, b);
     Py_XDECREF(r);
     return r == NULL ? -1 : 0;
 }
@@ -2022,11 +2031,12 @@ dispatch_locked(waitc_state *st, Core *queue, LoopSlot *slot, PyObject *owner,
     }
     if (w == NULL) {
         /* Nobody of this loop waits (a waiter whose task was cancelled but has not
-         * resumed yet does not count: `first` settles it). Read nothing, and drop the
-         * registration rather than be called again and again for an fd nobody asked
-         * about; but not while a woken waiter has not run (it may need it again). */
+         * resumed yet does not count: `first` settles it). Read nothing, and drop this
+         * fd's registration (the others stay until they fire too) rather than be called
+         * again and again for an fd nobody asked about; but not while a woken waiter
+         * has not run (it may need it again). */
         if (slot->woken == Py_None) {
-            return do_method1((PyObject *)queue, st->s_unregister, (PyObject *)slot);
+            return do_method2((PyObject *)queue, st->s_unregister, (PyObject *)slot, fd_obj);
         }
         return 0;
     }
@@ -2954,22 +2964,28 @@ Gather_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->future = Py_NewRef(Py_None);
     self->pending = 0;
     self->first = (char)first;
+    self->fired = 0;
     PyObject_GC_Track(self);
     return (PyObject *)self;
 }
 
-/* Wake the Gather's task, unless it was woken already: 0, or -1 with an error set
- * (RuntimeError: its loop is closed). */
+/* Wake the Gather's task: set its future, or, if it has none pending (not armed
+ * yet, or woken already and not armed again), make the next arm() done at once. 0, or
+ * -1 with an error set (RuntimeError: its loop is closed). */
 static int
 gather_wake(waitc_state *st, Gather *g)
 {
     if (g->future == Py_None) {
+        g->fired = 1;
         return 0;
     }
     PyObject *future = Py_NewRef(g->future);
     int done = future_done(st, future);
     int rc = done;
-    if (done == 0) {
+    if (done > 0) {
+        g->fired = 1;
+    }
+    else if (done == 0) {
         PyObject *args[] = {future, Py_None};
         PyObject *r = call_known(st->future_type, st->future_set_result, st->s_set_result,
                                  args, 2);
@@ -3013,6 +3029,13 @@ Gather_arm(PyObject *op, PyObject *Py_UNUSED(ignored))
         return NULL;
     }
     Py_SETREF(g->future, Py_NewRef(future));
+    if (g->fired) { /* due already (a share resolved before this arm): done at once */
+        g->fired = 0;
+        if (gather_wake(st, g) < 0) {
+            Py_DECREF(future);
+            return NULL;
+        }
+    }
     return future;
 }
 
@@ -3022,7 +3045,8 @@ static PyMethodDef Gather_methods[] = {
     {"arm", Gather_arm, METH_NOARGS,
      "arm() -> asyncio.Future[None]\n--\n\n"
      "A new future of the running loop for the group's task to await: set when the\n"
-     "last share is resolved (or the first, with first=True), or one fails."},
+     "last share is resolved (or the first, with first=True), or one fails; done at\n"
+     "once if that happened since the last arm() (or before the first)."},
     {NULL, NULL, 0, NULL},
 };
 

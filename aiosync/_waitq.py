@@ -11,9 +11,11 @@ first) and the loop registrations of the fds they wait on.
 
 * **One registration per (loop, fd)** serves all of that loop's waiters. The first
   waiter of a loop makes it; it is kept while waiters come and go, dropped lazily the
-  first time the fd fires while nobody of that loop waits, and always before the fd
-  is closed. (The standard loop may report an event after a woken waiter took what
-  it announced: the first event after a turn is checked with a zero-timeout poll.)
+  first time the fd fires while nobody of that loop waits (that fd's alone: the
+  others stay until they fire too, and the next waiter adds back only what was
+  dropped), and always before the fd is closed. (The standard loop may report an
+  event after a woken waiter took what it announced: the first event after a turn is
+  checked with a zero-timeout poll.)
   The loop's callback holds only a weak reference to the queue, so a primitive dropped
   without ``close()`` is still finalized (and warns).
 * **The primitive decides** what an event means in its ``_on_readable(slot, fd)``,
@@ -111,7 +113,7 @@ class WaitQueue(Core[C, R]):
     `Waiter.release`) are `_waitc.Core`'s, in C: they run on every wait and event.
     """
 
-    __slots__ = ("__weakref__",)
+    __slots__ = ("__weakref__", "_partly")
 
     def __init__(self, owner: Owner, closed_error: Callable[[], ClosedResourceError]) -> None:
         # Re-entrant: a pending task of a closed loop that is garbage-collected while
@@ -121,6 +123,9 @@ class WaitQueue(Core[C, R]):
         self.lock = RLock()
         self._owner = weakref.ref(owner)
         self._closed_error = closed_error
+        # The fds still registered in a loop whose slot is not `registered` (some of
+        # its fds fired with nobody waiting there and were dropped alone): slot -> fds.
+        self._partly: dict[LoopSlot[C, R], tuple[int, ...]] = {}
         # And from Core: _fds = (), _slots = {} (loop -> LoopSlot), _closed = False,
         # waiting = 0 (pending waiters over all loops), turns = 0 (waiters woken for
         # their turn that have not run yet, all loops), blockers = {} (thread -> wake
@@ -221,6 +226,7 @@ class WaitQueue(Core[C, R]):
         # loop drops its registrations with it.
         for old in [old for old in self._slots if old.is_closed()]:
             dead = self._slots.pop(old)
+            self._partly.pop(dead, None)
             self.waiting -= dead.live
             self.turns -= dead.woken is not None
         # The standard loop runs callbacks already scheduled (a woken waiter's task)
@@ -232,18 +238,36 @@ class WaitQueue(Core[C, R]):
         return slot
 
     def _register(self, slot: LoopSlot[C, R]) -> None:
+        """Register every fd of `slot`'s loop that is not (all, or those dropped alone)."""
         queue_ref = weakref.ref(self)
+        kept = self._partly.pop(slot, ())
         for fd in self._fds:
-            slot.loop.add_reader(fd, dispatch, queue_ref, slot, fd)
+            if fd not in kept:
+                slot.loop.add_reader(fd, dispatch, queue_ref, slot, fd)
         slot.registered = True
 
-    def _unregister(self, slot: LoopSlot[C, R]) -> None:
-        """Drop `slot`'s registrations. Call in its loop's thread, ``lock`` held."""
-        if slot.registered:
-            slot.registered = False
-            if not slot.loop.is_closed():
-                for fd in self._fds:
-                    slot.loop.remove_reader(fd)
+    def _registered(self, slot: LoopSlot[C, R]) -> tuple[int, ...]:
+        """The fds registered in `slot`'s loop now."""
+        return self._fds if slot.registered else self._partly.get(slot, ())
+
+    def _unregister(self, slot: LoopSlot[C, R], fd: int | None = None) -> None:
+        """Drop `slot`'s registrations, or only `fd`'s (it fired with nobody of that
+        loop waiting: the others stay, until they fire too or the queue closes; a group
+        whose member's peer runs a round ahead then re-adds one reader, not all). Call
+        in its loop's thread, ``lock`` held."""
+        kept = self._fds if slot.registered else self._partly.pop(slot, ())
+        slot.registered = False
+        if fd is None:
+            gone, kept = kept, ()
+        elif fd in kept:
+            gone, kept = (fd,), tuple([f for f in kept if f != fd])
+        else:
+            gone = ()
+        if kept:
+            self._partly[slot] = kept
+        if gone and not slot.loop.is_closed():
+            for f in gone:
+                slot.loop.remove_reader(f)
 
     # -- closing ----------------------------------------------------------------------
 
@@ -266,7 +290,8 @@ class WaitQueue(Core[C, R]):
             me = threading.get_ident()
             remote: list[LoopSlot[C, R]] = []
             for slot in self._slots.values():
-                if not slot.registered or slot.loop.is_closed():
+                if not self._registered(slot) or slot.loop.is_closed():
+                    self._partly.pop(slot, None)
                     slot.registered = False
                 elif slot.thread == me or not slot.loop.is_running():
                     self._unregister(slot)
@@ -298,6 +323,7 @@ class WaitQueue(Core[C, R]):
     def _after_fork(self) -> None:
         self.lock = RLock()
         self._slots = {}
+        self._partly = {}
         self.waiting = self.turns = 0
         for wake in self.blockers.values():  # the parent's threads are not here
             _fd.close(wake)

@@ -135,21 +135,55 @@ def test_lazy_deregistration_without_reading(kind: str, sides: tuple[Barrier, Ba
         assert p._waitq.waiting == 0
         assert c.place()
         await spin()
-        # It fired with nobody waiting: dropped, and the eventfd was not read.
-        assert loop.removes == {p._them: 1, p._pipe_r: 1}
+        # It fired with nobody waiting: dropped (that fd alone: the pipe, silent, stays
+        # registered), and the eventfd was not read.
+        assert loop.removes == {p._them: 1}
         assert eventfd_count(p._them) == 1
         assert repr(p) == "<aiosync.Barrier role=PARENT barriers=0 aborted=no>"
-        calls = sum(loop.calls.values())
-        assert calls == 1
-        c.close()  # the pipe hangs up too, for ever: nobody must be called for it
+        assert sum(loop.calls.values()) == 1
+        c.close()  # the pipe hangs up too, for ever: called once, then dropped as well
         await spin(100)
-        assert sum(loop.calls.values()) == calls
+        assert loop.removes == {p._them: 1, p._pipe_r: 1}
+        assert sum(loop.calls.values()) == 2
         assert not p.they_aborted  # nobody waited: the exit was not noticed
         # The next waiter registers afresh and reads.
         assert await soon(p.wait_next()) is True
         assert loop.adds == {p._them: 2, p._pipe_r: 2}
         assert eventfd_count(p._them) == 0
         assert await soon(p.wait_next()) is False  # and now the exit counts
+
+    run_counting(kind, main)
+
+
+def test_an_fd_dropped_alone_is_added_again_alone_and_the_rest_removed_on_close(
+    kind: str, sides: tuple[Barrier, Barrier]
+) -> None:
+    p, c = sides
+
+    async def fire_unwatched() -> None:
+        # A waiter registers, then leaves; the peer places: nobody waits when it fires.
+        task = asyncio.create_task(p.wait_next())
+        await parked(p, 1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert c.place()
+        await spin()
+
+    async def main(loop: Counting) -> None:
+        await fire_unwatched()
+        assert loop.removes == {p._them: 1}  # fired with nobody waiting; the pipe stays
+        task = asyncio.create_task(p.wait_next())
+        await spin()
+        assert await soon(task) is True  # the next waiter re-adds the eventfd alone
+        assert loop.adds == {p._them: 2, p._pipe_r: 1}
+        await fire_unwatched()
+        them, pipe_r = p._them, p._pipe_r
+        assert loop.removes == {them: 2}
+        p.close()  # the pipe's registration, kept, goes before the fds close
+        assert loop.removes == {them: 2, pipe_r: 1}
+        assert loop.closed_at_remove == []
+        await spin()
 
     run_counting(kind, main)
 

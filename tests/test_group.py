@@ -574,6 +574,20 @@ def test_attach_checks_its_arguments() -> None:
         assert group.pids == (101, None)
 
 
+async def test_a_round_everyone_synced_in_names_the_pids_attach_set_last() -> None:
+    # Such a result is made once per group and kept: attach() must drop it. (Nothing is
+    # placed, so no sync needs a wait, and no child is asked anything.)
+    with BarrierGroup(2) as group:
+        group.attach(0, 100)
+        group.attach(1, 200)
+        assert await group.sync() == GroupResult(synced=(100, 200))
+        group.attach(1, 201)
+        result = await group.sync()
+        assert result == GroupResult(synced=(100, 201))
+        assert result.pids == (100, 201)
+        assert result.member(201) == 1
+
+
 def test_members_and_repr() -> None:
     with BarrierGroup(3) as group:
         assert len(group) == 3

@@ -220,6 +220,26 @@ async def test_a_gather_wakes_at_the_first_share_or_the_first_failure() -> None:
         d.result()
 
 
+async def test_a_gather_armed_after_its_wake_is_done_at_once() -> None:
+    # The group arms only once it has nothing left to do but wait: shares released
+    # before that (by its own abort, say, or while its task was running) must not
+    # leave it waiting for ever, and must wake it only once.
+    every = _waitc.Gather()
+    a, b = every.share(), every.share()
+    a.set_result(True)
+    b.set_result(False)
+    assert every.arm().done()
+    assert not every.arm().done()  # that wake is spent
+    first = _waitc.Gather(True)
+    c, d = first.share(), first.share()
+    woken = first.arm()
+    assert not woken.done()
+    c.set_result(True)
+    assert woken.done()
+    d.set_result(True)  # after the task was woken, before it armed again
+    assert first.arm().done()
+
+
 async def test_every_share_is_dead_once_the_gathers_task_stops_waiting() -> None:
     # A cancelled group wait: its members' waiters must not be handed anything, as a
     # cancelled waiter's own future is done (the wait core skips and settles them).
