@@ -13,6 +13,7 @@ figures the report shows.
 from __future__ import annotations
 
 import asyncio
+import multiprocessing.resource_tracker
 import os
 import signal
 import threading
@@ -43,6 +44,9 @@ def open_fds(kind: str) -> set[str]:
 @pytest.mark.parametrize("kind", LOOP_KINDS)
 @pytest.mark.parametrize("name", UNCONTENDED)
 def test_every_uncontended_contender_runs(name: str, kind: str) -> None:
+    # From 3.14 a multiprocessing.Lock starts multiprocessing's resource tracker, whose
+    # pipe stays open for the life of the process: start it first, it is not ours.
+    multiprocessing.resource_tracker.ensure_running()
     before, threads = open_fds(kind), threading.active_count()
     timed, _ = UNCONTENDED[name]
     assert run_on(kind, timed(20)) > 0
