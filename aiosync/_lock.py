@@ -214,16 +214,8 @@ class _Robust(Resource):
         # in line, and a unit is free (or was handed to us).
         if self._closed:
             raise self._closed_error()
-        if not self._in_line:  # _try_take(), inlined: this is every acquire's path
-            try:
-                got = self._shared.take(self._tag or self._first_use())
-            except ValueError:  # released by a close() in another thread
-                raise self._closed_error() from None
-            if got >= 0:
-                self._held.append(got)
-                return True
-            if got == _robust.IS_BROKEN:
-                raise self._broken()
+        if not self._in_line and self._try_take():
+            return True
         queue = self._waitq
         acquired = False
         with queue.lock:
