@@ -429,6 +429,7 @@ def test_a_third_process_gets_it_within_a_few_hand_offs(cls: type[Primitive], ki
     stop = 2
     obj = cls()
     worst: list[int] = []
+    seen_long: list[str] = []
     try:
         with Completion() as started, Children() as children:
 
@@ -462,6 +463,10 @@ def test_a_third_process_gets_it_within_a_few_hand_offs(cls: type[Primitive], ki
                     loop.call_soon(lambda: queued.append(mem[COUNT]))  # noqa: B023
                     await soon(task)
                     worst.append(mem[COUNT] - queued[0])
+                    if worst[-1] > 3 and not seen_long:  # what the shared state was then
+                        seen_long.append(
+                            f"{[hex(u) for u in obj._shared.units()]} line {obj._shared.line()}"
+                        )
                     obj.release()
                     await asyncio.sleep(0)
 
@@ -473,7 +478,7 @@ def test_a_third_process_gets_it_within_a_few_hand_offs(cls: type[Primitive], ki
                 children.collect(pid)
     finally:
         obj.close()
-    assert sorted(worst)[44] <= 3, f"waited {sorted(worst)[-6:]} hand-offs: {sorted(worst)}"
+    assert sorted(worst)[44] <= 3, f"waited {sorted(worst)[-6:]} hand-offs; first long: {seen_long}"
 
 
 # ---------------------------------------------------------------------------------------
