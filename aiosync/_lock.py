@@ -324,14 +324,17 @@ class _Robust(Resource):
     def _look(self) -> bool:
         """Drain our events; whether a waiter of ours would find something (lock held)."""
         self._seen |= _robust.drain(self._ino)
+        return self._worth_waking()
+
+    def _worth_waking(self) -> bool:
+        """Whether a waiter of ours would find something now (lock held)."""
         return self._seen & _DEATH != 0 or self._shared.wants(self._tag)
 
-    def _ring_here(self, *, look: bool) -> None:
-        """Wake the next waiter of each loop and every blocked thread of ours if they
-        would find something (lock held): after a waiter woken for something gave up
-        without looking (cancelled), or (`look`) after our own release rang."""
-        found = self._look() if look else self._seen & _DEATH or self._shared.wants(self._tag)
-        if found and self._in_line:
+    def _ring_here(self) -> None:
+        """Wake the next waiter of each loop and every blocked thread of ours (lock
+        held): after a waiter woken for something gave up without looking (cancelled),
+        or after our own release rang and there is something for us."""
+        if self._in_line:
             queue = self._waitq
             for slot in queue.slots():
                 queue.ring(slot, None)
@@ -370,8 +373,8 @@ class _Robust(Resource):
         elif acquired:
             if self._entry >= 0:
                 self._shared.renew(self._entry, self._tag)  # others of ours wait: to the back
-        else:
-            self._ring_here(look=False)
+        elif self._worth_waking():
+            self._ring_here()
 
     # -- deaths (lock held) -------------------------------------------------------------
 
@@ -393,11 +396,14 @@ class _Robust(Resource):
         took = False
         for i, word in enumerate(shared.units()):
             holder = word & _TAG
-            if not holder or word & _BROKEN or holder == me or alive(holder):
+            freeable = word & _HANDED or not self._robust_lock
+            if not holder or word & _BROKEN or holder == me:
                 continue
-            if word & _HANDED or not self._robust_lock:
+            if not (freeable or (take_over and not took)) or alive(holder):
+                continue  # (a Lock held by a live or, unasked, a dead process: left)
+            if freeable:
                 shared.free_dead(i, word, self._priv)
-            elif take_over and not took and shared.take_over(i, word, me, True):
+            elif shared.take_over(i, word, me, True):
                 self._held.append(i)
                 took = True
         return took
@@ -416,9 +422,7 @@ class _Robust(Resource):
                 if not self._closed:
                     self._free_dead(_Liveness(self._ident, self._shared), take_over=False)
 
-    def _recover_line(self, alive: _Liveness | None = None) -> None:
-        if alive is None:
-            alive = _Liveness(self._ident, self._shared)
+    def _recover_line(self, alive: _Liveness) -> None:
         for entry, tag in self._shared.line():
             if tag != self._tag and not alive(tag):
                 self._shared.drop(entry, tag)
@@ -451,8 +455,8 @@ class _Robust(Resource):
                 # Our own ring reached our inotify fd too: read it now, rather than have
                 # our loop wake up for it (it handed the lock to someone else).
                 with self._waitq.lock:
-                    if not self._closed:
-                        self._ring_here(look=True)
+                    if not self._closed and self._look():
+                        self._ring_here()
             if given:
                 return
             if self._robust_lock and self._shared.break_(unit, self._tag, self._priv):

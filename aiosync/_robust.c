@@ -1000,21 +1000,9 @@ robust_drain(PyObject *Py_UNUSED(module), PyObject *arg)
     return PyLong_FromLong(seen);
 }
 
-static PyObject *
-robust_ring(PyObject *Py_UNUSED(module), PyObject *arg)
-{
-    int fd;
-    if (!PyArg_Parse(arg, "i", &fd)) {
-        return NULL;
-    }
-    ring(fd);
-    Py_RETURN_NONE;
-}
-
 static PyMethodDef robust_functions[] = {
     {"watch", robust_watch, METH_O, NULL},
     {"drain", robust_drain, METH_O, NULL},
-    {"ring", robust_ring, METH_O, NULL},
     {NULL, NULL, 0, NULL},
 };
 
