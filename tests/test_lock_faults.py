@@ -8,9 +8,11 @@ ordered by Completions and SIGSTOP, never by sleeps."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import mmap
 import os
 import random
+import resource
 import signal
 import struct
 import time
@@ -776,3 +778,71 @@ def test_units_of_a_dead_process_are_counted_free_at_once(death: str) -> None:
         sem.acquire_nowait()
         sem.release()
         sem.release()
+
+
+# ---------------------------------------------------------------------------------------
+# An acquire that fails before it waits
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [Lock, Semaphore])
+def test_an_acquire_that_fails_to_queue_leaves_nothing_behind(
+    cls: type[Primitive], kind: str
+) -> None:
+    """A process's first wait sets up its watch on the shared memory (an inotify fd). If
+    that fails (here: no fd number left, RLIMIT_NOFILE), acquire() raises the OSError and
+    leaves nothing behind: the process's next acquire queues and is served as usual, and
+    once it has released, nothing is handed to it again. (A trace left in the shared
+    line would have the lock handed to a process that no longer waits for it: every
+    other process would then wait for ever.)"""
+    with (
+        closing(cls()) as obj,
+        Completion() as failed,
+        Completion() as done,
+        Completion() as bye,
+        Children() as children,
+    ):
+
+        async def fail_then_queue() -> str:
+            try:
+                obj.acquire_nowait()  # held by the parent; sets this process up
+            except WouldBlock:
+                pass
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            lowest = os.dup(0)
+            os.close(lowest)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (lowest, hard))
+            try:
+                await obj.acquire()
+            except OSError as exc:
+                outcome = f"errno={exc.errno}"
+            else:
+                outcome = "acquired with no fd to watch with"
+            finally:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            failed.complete()
+            assert await soon(obj.acquire()) is True
+            obj.release()
+            done.complete()
+            await soon(bye.wait())
+            return outcome
+
+        obj.acquire_nowait()
+        child = children.fork(child_loop(kind, fail_then_queue))
+        assert failed.wait_blocking(timeout=SOON)
+        obj.release()  # to the child's second acquire (queued, or about to take it free)
+        assert done.wait_blocking(timeout=SOON)
+        # The child, alive, waits for nothing: the lock goes to nobody on a release.
+        obj.acquire_nowait()
+        obj.release()
+        held_after = obj.locked()
+        try:
+            obj.acquire_nowait()
+        except WouldBlock:
+            state = "handed to the child, which does not wait for it"
+        else:
+            state = "free"
+            obj.release()
+        bye.complete()
+        assert children.collect(child) == f"errno={errno.EMFILE}"
+        assert (held_after, state) == (False, "free")
