@@ -9,7 +9,6 @@ import mmap
 import multiprocessing
 import os
 import random
-import struct
 import threading
 from collections.abc import Callable, Coroutine
 from contextlib import closing
@@ -37,7 +36,12 @@ def child_loop(kind: str, make: Callable[[], Coroutine[Any, Any, str]]) -> Calla
 
 class Shared:
     """A few 64-bit words in memory shared by every process that maps it: anonymous
-    (inherited over fork) or a file's (mapped again by a spawned process)."""
+    (inherited over fork) or a file's (mapped again by a spawned process).
+
+    A word is read and written whole (one aligned 8-byte copy, through a memoryview
+    cast to "q"), so a process may read a word while another one writes it and see
+    the old or the new value. (``struct.pack_into`` clears the bytes before it writes
+    them: a reader outside the lock could see 0.)"""
 
     WORDS = 8
 
@@ -50,13 +54,14 @@ class Shared:
                 path.write_bytes(bytes(size))
             with path.open("r+b") as f:
                 self.mm = mmap.mmap(f.fileno(), size)
+        self.words = memoryview(self.mm).cast("q")
 
     def __getitem__(self, i: int) -> int:
-        value: int = struct.unpack_from("q", self.mm, 8 * i)[0]
+        value: int = self.words[i]
         return value
 
     def __setitem__(self, i: int, value: int) -> None:
-        struct.pack_into("q", self.mm, 8 * i, value)
+        self.words[i] = value
 
 
 COUNT, INSIDE = 0, 1
@@ -419,17 +424,13 @@ def test_a_third_process_gets_it_within_a_few_hand_offs(cls: type[Primitive], ki
     has queued (its first step ran) and the moment it holds the lock, at most the
     holder and one waiter of each other process can go first: 3 hand-offs at worst
     (the holder may not have counted its turn yet), however long the others hammer.
-
-    Asserted for 45 of the 50 asks: on a machine whose CPUs are saturated by other
-    work, a rare ask has been seen to wait hundreds of hand-offs (the cause is not
-    found yet; see the Lock's issue). A lock without the line (one that lets the
-    releaser or a newcomer barge in) fails this at once: the two hammers never leave
-    a gap."""
+    A lock without the line (one that lets the releaser or a newcomer barge in) fails
+    this at once: the two hammers never leave a gap. (The count is read here outside
+    the lock while a hammer may be writing it: `Shared` reads and writes whole words.)"""
     mem = Shared()
     stop = 2
     obj = cls()
     worst: list[int] = []
-    seen_long: list[str] = []
     try:
         with Completion() as started, Children() as children:
 
@@ -463,10 +464,6 @@ def test_a_third_process_gets_it_within_a_few_hand_offs(cls: type[Primitive], ki
                     loop.call_soon(lambda: queued.append(mem[COUNT]))  # noqa: B023
                     await soon(task)
                     worst.append(mem[COUNT] - queued[0])
-                    if worst[-1] > 3 and not seen_long:  # what the shared state was then
-                        seen_long.append(
-                            f"{[hex(u) for u in obj._shared.units()]} line {obj._shared.line()}"
-                        )
                     obj.release()
                     await asyncio.sleep(0)
 
@@ -478,7 +475,7 @@ def test_a_third_process_gets_it_within_a_few_hand_offs(cls: type[Primitive], ki
                 children.collect(pid)
     finally:
         obj.close()
-    assert sorted(worst)[44] <= 3, f"waited {sorted(worst)[-6:]} hand-offs; first long: {seen_long}"
+    assert max(worst) <= 3, f"waited {sorted(worst)[-6:]} hand-offs"
 
 
 # ---------------------------------------------------------------------------------------
