@@ -349,10 +349,16 @@ do_method2(PyObject *self, PyObject *name, PyObject *a, PyObject *b)
     return r == NULL ? -1 : 0;
 }
 
+static int share_done(Share *self); /* a BarrierGroup's Share (see Gather, below) */
+static PyObject *share_resolve(Share *self, PyObject *value, int failed);
+
 /* future.done(): 1, 0, or -1 with an exception set. */
 static int
 future_done(waitc_state *st, PyObject *future)
 {
+    if (Py_IS_TYPE(future, st->share_type)) {
+        return share_done((Share *)future);
+    }
     PyObject *args[] = {future};
     PyObject *r = call_known(st->future_type, st->future_done, st->s_done, args, 1);
     if (r == NULL) {
@@ -537,10 +543,15 @@ resolve(waitc_state *st, Waiter *w, PyObject *value, int exception)
             return 0;
         }
         PyObject *args[] = {future, value};
-        r = exception ? call_known(st->future_type, st->future_set_exception,
-                                   st->s_set_exception, args, 2)
-                      : call_known(st->future_type, st->future_set_result, st->s_set_result,
-                                   args, 2);
+        if (Py_IS_TYPE(future, st->share_type)) {
+            r = share_resolve((Share *)future, value, exception);
+        }
+        else {
+            r = exception ? call_known(st->future_type, st->future_set_exception,
+                                       st->s_set_exception, args, 2)
+                          : call_known(st->future_type, st->future_set_result,
+                                       st->s_set_result, args, 2);
+        }
     }
     else {
         PyObject *loop = Py_NewRef(slot->loop);
@@ -1586,6 +1597,32 @@ Core_ring(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
  * Wait: what `await queue.wait(waiter)` awaits
  * --------------------------------------------------------------------------------- */
 
+/* throw(exc) on an awaitable not suspended in anything: raise it here, as a coroutine
+ * would at its start. */
+static void
+raise_thrown(PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *thrown = args[0];
+    if (PyExceptionClass_Check(thrown)) {
+        PyErr_SetObject(thrown, nargs > 1 ? args[1] : NULL);
+    }
+    else {
+        PyErr_SetObject((PyObject *)Py_TYPE(thrown), thrown);
+    }
+}
+
+/* throw(*args) into `inner`, the iterator an awaitable is suspended in. */
+static PyObject *
+throw_into(waitc_state *st, PyObject *inner, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *call[4] = {inner, NULL, NULL, NULL};
+    for (Py_ssize_t i = 0; i < nargs; i++) {
+        call[i + 1] = args[i];
+    }
+    return PyObject_VectorcallMethod(st->s_throw, call,
+                                     (size_t)(nargs + 1) | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+}
+
 /* The wait is over by an exception (cancelled, timed out, its loop closed, the
  * coroutine closed): queue.abandon(waiter), keeping that exception. */
 static void
@@ -1774,26 +1811,14 @@ Wait_throw(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "throw() takes 1 to 3 arguments");
         return NULL;
     }
-    if (self->inner == NULL || self->over) {
-        /* Not started (or over): raise it here, as a coroutine would at its start. */
-        PyObject *thrown = args[0];
-        if (PyExceptionClass_Check(thrown)) {
-            PyErr_SetObject(thrown, nargs > 1 ? args[1] : NULL);
-        }
-        else {
-            PyErr_SetObject((PyObject *)Py_TYPE(thrown), thrown);
-        }
+    if (self->inner == NULL || self->over) { /* not started (or over) */
+        raise_thrown(args, nargs);
         if (!self->over) {
             wait_abandon(st, self);
         }
         return NULL;
     }
-    PyObject *call[4] = {self->inner, NULL, NULL, NULL};
-    for (Py_ssize_t i = 0; i < nargs; i++) {
-        call[i + 1] = args[i];
-    }
-    PyObject *result = PyObject_VectorcallMethod(
-        st->s_throw, call, (size_t)(nargs + 1) | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    PyObject *result = throw_into(st, self->inner, args, nargs);
     if (result != NULL) {
         return result;
     }
@@ -3064,17 +3089,12 @@ Gather_share(PyObject *op, PyObject *Py_UNUSED(ignored))
     return (PyObject *)share;
 }
 
+/* arm() in `loop` (the running one). */
 static PyObject *
-Gather_arm(PyObject *op, PyObject *Py_UNUSED(ignored))
+gather_arm(Gather *g, PyObject *loop)
 {
-    Gather *g = (Gather *)op;
     waitc_state *st = g->st;
-    PyObject *loop = PyObject_CallNoArgs(st->get_running_loop);
-    if (loop == NULL) {
-        return NULL;
-    }
     PyObject *future = call_method0(loop, st->s_create_future);
-    Py_DECREF(loop);
     if (future == NULL) {
         return NULL;
     }
@@ -3086,6 +3106,19 @@ Gather_arm(PyObject *op, PyObject *Py_UNUSED(ignored))
             return NULL;
         }
     }
+    return future;
+}
+
+static PyObject *
+Gather_arm(PyObject *op, PyObject *Py_UNUSED(ignored))
+{
+    waitc_state *st = ((Gather *)op)->st;
+    PyObject *loop = PyObject_CallNoArgs(st->get_running_loop);
+    if (loop == NULL) {
+        return NULL;
+    }
+    PyObject *future = gather_arm((Gather *)op, loop);
+    Py_DECREF(loop);
     return future;
 }
 
@@ -3475,7 +3508,7 @@ round_end(Round *self)
 }
 
 /* The round is over, every member sorted: None if every child synced, else the
- * outcome of each (None: unreported). NULL with StopIteration(result) set. */
+ * outcome of each (None: unreported), or NULL with an error set. */
 static PyObject *
 round_return(Round *self)
 {
@@ -3487,8 +3520,7 @@ round_return(Round *self)
         all_synced &= self->outcomes[i] == SYNCED;
     }
     if (all_synced) {
-        PyErr_SetNone(PyExc_StopIteration);
-        return NULL;
+        return Py_NewRef(Py_None);
     }
     PyObject *outcomes = PyTuple_New(self->n);
     if (outcomes == NULL) {
@@ -3503,22 +3535,30 @@ round_return(Round *self)
         }
         PyTuple_SET_ITEM(outcomes, i, item);
     }
-    PyObject *stop = PyObject_CallOneArg(PyExc_StopIteration, outcomes);
-    Py_DECREF(outcomes);
-    if (stop != NULL) {
-        PyErr_SetObject(PyExc_StopIteration, stop);
-        Py_DECREF(stop);
-    }
-    return NULL;
+    return outcomes;
 }
 
-/* On from where the round is, sending `value` into the future awaited now. */
+/* The loop the round's waiters were parked in (the running one). */
 static PyObject *
-round_step(Round *self, PyObject *value)
+round_loop(Round *self)
 {
+    for (Py_ssize_t i = 0; i < self->n; i++) {
+        if (self->waiters[i] != NULL) {
+            return slot_of((Waiter *)self->waiters[i])->loop;
+        }
+    }
+    return NULL; /* not reached: called while some waiter is parked */
+}
+
+/* On from where the round is, sending `value` into the future awaited now (am_send:
+ * the round's result is returned, not raised as StopIteration). */
+static PySendResult
+round_send(Round *self, PyObject *value, PyObject **result)
+{
+    *result = NULL;
     if (self->over) {
         PyErr_SetString(PyExc_RuntimeError, "cannot reuse an awaited round");
-        return NULL;
+        return PYGEN_ERROR;
     }
     if (!self->started) {
         self->started = 1;
@@ -3529,11 +3569,12 @@ round_step(Round *self, PyObject *value)
     for (;;) {
         if (self->inner == NULL) {
             if (!self->parked) {
-                return round_return(self);
+                *result = round_return(self);
+                return *result == NULL ? PYGEN_ERROR : PYGEN_RETURN;
             }
             /* Done at once if the shares it waits for were released already (by our
              * own abort, say). */
-            PyObject *future = Gather_arm(self->gather, NULL);
+            PyObject *future = gather_arm((Gather *)self->gather, round_loop(self));
             if (future == NULL) {
                 goto fail;
             }
@@ -3544,15 +3585,16 @@ round_step(Round *self, PyObject *value)
             }
             value = Py_None;
         }
-        PyObject *result = NULL;
-        PySendResult sent = PyIter_Send(self->inner, value, &result);
+        PyObject *sent_back = NULL;
+        PySendResult sent = PyIter_Send(self->inner, value, &sent_back);
         if (sent == PYGEN_NEXT) {
-            return result;
+            *result = sent_back;
+            return PYGEN_NEXT;
         }
         if (sent == PYGEN_ERROR) {
             goto fail;
         }
-        Py_DECREF(result);
+        Py_DECREF(sent_back);
         Py_CLEAR(self->inner);
         if (round_collect(self) < 0) {
             goto fail;
@@ -3561,7 +3603,36 @@ round_step(Round *self, PyObject *value)
 fail:
     Py_CLEAR(self->inner);
     round_end(self);
-    return NULL;
+    return PYGEN_ERROR;
+}
+
+static PySendResult
+Round_am_send(PyObject *op, PyObject *value, PyObject **result)
+{
+    return round_send((Round *)op, value, result);
+}
+
+/* round_send() for send() and __next__(): the result raised as StopIteration. */
+static PyObject *
+round_step(Round *self, PyObject *value)
+{
+    PyObject *result;
+    PySendResult sent = round_send(self, value, &result);
+    if (sent == PYGEN_RETURN) {
+        if (result == Py_None) {
+            PyErr_SetNone(PyExc_StopIteration);
+        }
+        else {
+            PyObject *stop = PyObject_CallOneArg(PyExc_StopIteration, result);
+            if (stop != NULL) {
+                PyErr_SetObject(PyExc_StopIteration, stop);
+                Py_DECREF(stop);
+            }
+        }
+        Py_DECREF(result);
+        return NULL;
+    }
+    return result; /* PYGEN_NEXT: what was yielded; PYGEN_ERROR: NULL */
 }
 
 static PyObject *
@@ -3584,23 +3655,12 @@ Round_throw(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "throw() takes 1 to 3 arguments");
         return NULL;
     }
-    if (self->inner == NULL) { /* not started, or over: raise it here */
-        PyObject *thrown = args[0];
-        if (PyExceptionClass_Check(thrown)) {
-            PyErr_SetObject(thrown, nargs > 1 ? args[1] : NULL);
-        }
-        else {
-            PyErr_SetObject((PyObject *)Py_TYPE(thrown), thrown);
-        }
+    if (self->inner == NULL) { /* not started, or over */
+        raise_thrown(args, nargs);
         round_end(self);
         return NULL;
     }
-    PyObject *call[4] = {self->inner, NULL, NULL, NULL};
-    for (Py_ssize_t i = 0; i < nargs; i++) {
-        call[i + 1] = args[i];
-    }
-    PyObject *result = PyObject_VectorcallMethod(
-        self->st->s_throw, call, (size_t)(nargs + 1) | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    PyObject *result = throw_into(self->st, self->inner, args, nargs);
     if (result != NULL) {
         return result;
     }
@@ -3712,6 +3772,7 @@ static PyType_Slot Round_slots[] = {
     {Py_tp_doc, (void *)PyDoc_STR("What `await sync_round(...)` awaits: a BarrierGroup's\n"
                                   "sync, from its start to every member's outcome.")},
     {Py_am_await, FUNC(Round_await)},
+    {Py_am_send, FUNC(Round_am_send)},
     {Py_tp_iter, FUNC(Round_await)},
     {Py_tp_iternext, FUNC(Round_iternext)},
     {Py_tp_finalize, FUNC(Round_finalize)},
