@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing
+import os
 import pickle
 import random
 import time
@@ -218,6 +219,37 @@ async def test_a_cancelled_round_gives_every_hold_back() -> None:
             for proc in procs:
                 await go(proc)
             assert await soon(group.sync()) == GroupResult(synced=pids(procs, 0, 1))
+
+
+async def test_a_round_closed_unfinished_gives_every_hold_back() -> None:
+    """A group sync whose coroutine is closed while it waits (its task dropped, say)
+    leaves no waiter parked and no member held."""
+    with BarrierGroup(2) as group:
+        async with children(group, "go-sync", "go-sync") as procs:
+            coro = group.place_and_sync()
+            coro.send(None)  # suspended in the round's wait
+            assert [queue_of(b).held for b in group] == [1, 1]
+            assert [b._waitq.waiting for b in group] == [1, 1]
+            coro.close()
+            assert [queue_of(b).held for b in group] == [0, 0]
+            assert [b._waitq.waiting for b in group] == [0, 0]
+            for proc in procs:
+                await go(proc)
+            assert await soon(group.sync()) == GroupResult(synced=pids(procs, 0, 1))
+
+
+def test_a_forked_child_holds_nothing() -> None:
+    """A round's hold is its process's own: a forked child starts with none."""
+    with BarrierGroup(1) as group:
+        queue = queue_of(group[0])
+        queue.held = 1  # as a round pending in this process would (white box)
+        try:
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child
+                os._exit(0 if queue.held == 0 else 1)
+            assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+        finally:
+            queue.held = 0
 
 
 # ---------------------------------------------------------------------------------------
