@@ -19,8 +19,10 @@ plus the pid of each child. Its calls are the Barrier calls applied to every mem
   with `Barrier.peer_exited` is *died* (the child exited or was killed without
   aborting); False with `Barrier.they_aborted` is *aborted* (the child aborted); any
   other False came from this side's own abort: *synced* if the child had caught up
-  (the counter says no wait is needed), else *stopped*. Each member is sorted the
-  moment its wait is released, before anything else can change it.
+  (the counter says no wait is needed), else *stopped*. Each member is sorted when
+  the group's task resumes after its release (what was read meanwhile, under the
+  round's hold or for another waiter, can only turn a False into the peer's own
+  abort or exit, which is then what happened).
 * ``wait_abortion()`` parks a ``wait_abortion()`` waiter on every member and returns
   at the first release, naming every child known by then to have aborted or died.
 
