@@ -19,9 +19,11 @@ barriers of theirs I have read. Positive: I am ahead; negative: they are ahead.
 * Waits follow systemd's ``barrier_read(threshold)``: wait while ``barriers >
   threshold`` and the peer has not aborted. Here the read loop is run by the fd
   callback on behalf of every waiter at once (the `WaitQueue` of `_waitq`): it reads
-  only while someone waits, applies what it read to the state under the lock, then
-  releases every waiter whose condition now holds, with the result computed at that
-  moment (a snapshot: nothing is consumed, so a cancelled waiter gives nothing back).
+  only while someone waits (or a BarrierGroup's round holds the barrier: then the
+  eventfd alone, never the pipe; docs/design.md §10), applies what it read to the
+  state under the lock, then releases every waiter whose condition now holds, with
+  the result computed at that moment (a snapshot: nothing is consumed, so a cancelled
+  waiter gives nothing back).
   A waiter's condition is a threshold, or `UNTIL_ABORTED` for ``wait_abortion()``.
 
 The state (counter, flags, fds), the read loop, what a wait's condition says now
@@ -658,11 +660,6 @@ def check_ready(barriers: tuple[Barrier, ...]) -> None:
 def queue_of(barrier: Barrier) -> _waitq.WaitQueue[Cond, bool]:
     """The barrier's wait queue (to await or abandon what `start_wait` parked)."""
     return barrier._waitq
-
-
-def caught_up(barrier: Barrier) -> bool:
-    """The peer placed as many barriers as this side (no sync would need to wait)."""
-    return barrier._barriers <= 0
 
 
 def set_peer_pid(barrier: Barrier, pid: int) -> None:

@@ -11,13 +11,18 @@ plus the pid of each child. Its calls are the Barrier calls applied to every mem
   once, without I/O, exactly as `Barrier.sync` would; for each of the others a waiter
   is parked on that member's wait queue (the very waiter its own ``sync()`` would
   park, released by its own read loop), and the group awaits those futures together:
-  no task per child.
+  no task per child. From its start to its end, a sync holds every member: what a
+  child writes meanwhile is read, as a wait of that member would read it (but an exit
+  is noticed only by a member's own wait), so a child one round ahead does not cost a
+  dropped and re-added registration. The round runs in C (`_waitc.sync_round`).
 * Each member's outcome comes from its own result and state: True is *synced*; False
   with `Barrier.peer_exited` is *died* (the child exited or was killed without
   aborting); False with `Barrier.they_aborted` is *aborted* (the child aborted); any
   other False came from this side's own abort: *synced* if the child had caught up
-  (the counter says no wait is needed), else *stopped*. Each member is sorted the
-  moment its wait is released, before anything else can change it.
+  (the counter says no wait is needed), else *stopped*. Each member is sorted when
+  the group's task resumes after its release (what was read meanwhile, under the
+  round's hold or for another waiter, can only turn a False into the peer's own
+  abort or exit, which is then what happened).
 * ``wait_abortion()`` parks a ``wait_abortion()`` waiter on every member and returns
   at the first release, naming every child known by then to have aborted or died.
 
@@ -41,23 +46,22 @@ from __future__ import annotations
 import dataclasses
 import enum
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Final
 
-from . import _share
+from . import _share, _waitc
 from ._barrier import (
     UNTIL_ABORTED,
     Barrier,
     Role,
     Waiter,
-    caught_up,
     check_ready,
     queue_of,
     set_peer_pid,
     start_wait,
 )
 from ._resource import Resource
-from ._waitc import Gather, Share
+from ._waitc import Gather, Share, sync_round
 
 __all__ = ["BarrierGroup", "GroupResult"]
 
@@ -342,8 +346,9 @@ class BarrierGroup(Resource):
                 `aiosync.create_subprocess_exec`, or call `attach`).
             ClosedResourceError: the group (or a member) was closed, before or during the wait.
         """
-        self._check_ready()
-        return await self._sync(abort_on_failure)
+        if self._closed or not self._ready:
+            self._check_ready()  # (a closed member raises in sync_round, before any I/O)
+        return self._result(await sync_round(self, self._members, False, abort_on_failure))
 
     async def place_and_sync(self, *, abort_on_failure: bool = False) -> GroupResult:
         """`place`, then `sync`: the usual "I am ready, are you all?" step.
@@ -359,10 +364,11 @@ class BarrierGroup(Resource):
                 `aiosync.create_subprocess_exec`, or call `attach`).
             ClosedResourceError: the group (or a member) was closed, before or during the wait.
         """
-        self._check_ready()
+        if self._closed or not self._ready:
+            self._check_ready()  # (a closed member raises in sync_round, before any I/O)
         # Each member places and starts its sync in one step (an aborted member places
         # nothing, and its sync says so), as place() then sync() would.
-        return await self._sync(abort_on_failure, place=True)
+        return self._result(await sync_round(self, self._members, True, abort_on_failure))
 
     async def wait_abortion(self) -> GroupResult:
         """Wait until any child aborts or exits (this side's own abort does not count).
@@ -400,42 +406,9 @@ class BarrierGroup(Resource):
                     _abandon(self._members, parked.values())
         return self._result([_abortion(b) for b in self._members])
 
-    async def _sync(self, abort_on_failure: bool, place: bool = False) -> GroupResult:
-        members = self._members
-        outcomes: list[Outcome | None] = [None] * len(members)
-        gather = Gather(abort_on_failure)  # first
-        parked: dict[Share, tuple[int, Waiter]] = {}  # share -> (member index, waiter)
-        try:
-            for i, barrier in enumerate(members):
-                share = gather.share()
-                # With `place`: place() and this member's half of the sync in one step.
-                started = start_wait(barrier, 0, place, share)
-                if type(started) is bool:
-                    share.set_result(started)  # nothing to wait for: counted as done
-                    outcomes[i] = _outcome(barrier, started)
-                else:
-                    parked[share] = (i, started)
-            if abort_on_failure and (ABORTED in outcomes or DIED in outcomes):
-                self.abort()  # releases every parked sync with False
-            while parked:
-                # Done at once if the shares it waits for were released already (by
-                # our own abort, say).
-                await gather.arm()
-                for share in [share for share in parked if share.done()]:
-                    i, _ = parked.pop(share)
-                    # Sorted as it is released, before anything else can change the
-                    # member (a wait_abortion() of another task reading on, say).
-                    outcome = _outcome(members[i], share.result())  # raises if closed
-                    outcomes[i] = outcome
-                    if abort_on_failure and outcome in FAILED:
-                        self.abort()
-        finally:
-            if parked:  # cancelled, timed out, or a member closed meanwhile
-                _abandon(members, parked.values())
-        return self._result(outcomes)
-
-    def _result(self, outcomes: list[Outcome | None]) -> GroupResult:
-        """The children by outcome (None: not reported), in group order."""
+    def _result(self, outcomes: Sequence[int | None] | None) -> GroupResult:
+        """The children by outcome (None: not reported), in group order; `outcomes`
+        None: every child synced."""
         if self._all_synced is None:
             pids = []
             for barrier in self._members:
@@ -444,7 +417,7 @@ class BarrierGroup(Resource):
                 pids.append(pid)
             self._pids = tuple(pids)
             self._all_synced = GroupResult(self._pids, (), (), (), self._pids)
-        if outcomes.count(SYNCED) == len(outcomes):  # the usual round: one result for all
+        if outcomes is None:  # the usual round: one result for all
             return self._all_synced
         by: tuple[list[int], ...] = ([], [], [], [], [])  # per Outcome, then None
         for pid, outcome in zip(self._pids, outcomes, strict=True):
@@ -495,33 +468,17 @@ class BarrierGroup(Resource):
 
 
 class Outcome(enum.IntEnum):
-    """What became of one child, in the order of GroupResult's fields."""
+    """What became of one child, in the order of GroupResult's fields (the values are
+    the ones `_waitc.sync_round` sorts the members into)."""
 
-    SYNCED = 0
-    ABORTED = 1
-    DIED = 2
-    STOPPED = 3
-
-
-FAILED: Final = (Outcome.ABORTED, Outcome.DIED)
+    SYNCED = _waitc.SYNCED
+    ABORTED = _waitc.ABORTED
+    DIED = _waitc.DIED
+    STOPPED = _waitc.STOPPED
 
 
-# The outcomes as plain names (each round sorts every member: no enum lookups there).
 SYNCED, ABORTED, DIED, STOPPED = Outcome
 UNREPORTED: Final = len(Outcome)  # where _result files a child without an outcome
-
-
-def _outcome(barrier: Barrier, synced: bool) -> Outcome:
-    """A member's outcome, from the result of its sync and its state now."""
-    if synced:
-        return SYNCED
-    if barrier.peer_exited:
-        return DIED
-    if barrier.they_aborted:
-        return ABORTED
-    if caught_up(barrier):
-        return SYNCED  # it had caught up: only this side's abort said False
-    return STOPPED
 
 
 def _abortion(barrier: Barrier) -> Outcome | None:

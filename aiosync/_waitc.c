@@ -23,6 +23,8 @@
  *   CompletionCore the base of Completion: its two eventfds, the callback's rings, a
  *               woken waiter's take, complete()'s write.
  *   Gather      one future for a BarrierGroup's N waiters (their futures are Shares).
+ *   Round       a BarrierGroup's sync, start to outcomes: what `await sync_round(...)`
+ *               awaits.
  *
  * The rules themselves are the ones docs/design.md states (§3-§5, §10-§12); each is
  * written here once, and the Python modules call these for it.
@@ -82,6 +84,7 @@ typedef struct {
     PyTypeObject *rlock_type;
     PyTypeObject *gather_type;
     PyTypeObject *share_type;
+    PyTypeObject *round_type;
     PyObject *get_running_loop; /* asyncio.get_running_loop */
     PyObject *deque;            /* collections.deque */
     /* Methods of asyncio.Future and collections.deque, called directly on objects of
@@ -116,6 +119,7 @@ typedef struct {
     PyObject *s_cancelled;
     PyObject *s_throw;
     PyObject *s_close;
+    PyObject *s_abort;
 } waitc_state;
 
 static struct PyModuleDef waitc_module;
@@ -160,6 +164,7 @@ typedef struct {
     PyObject *blockers; /* dict: thread -> wake eventfd of its blocking wait */
     Py_ssize_t waiting;
     Py_ssize_t turns;
+    Py_ssize_t held; /* BarrierGroup rounds in progress over this Barrier (design §11) */
     char closed;
 } Core;
 
@@ -344,10 +349,16 @@ do_method2(PyObject *self, PyObject *name, PyObject *a, PyObject *b)
     return r == NULL ? -1 : 0;
 }
 
+static int share_done(Share *self); /* a BarrierGroup's Share (see Gather, below) */
+static PyObject *share_resolve(Share *self, PyObject *value, int failed);
+
 /* future.done(): 1, 0, or -1 with an exception set. */
 static int
 future_done(waitc_state *st, PyObject *future)
 {
+    if (Py_IS_TYPE(future, st->share_type)) {
+        return share_done((Share *)future);
+    }
     PyObject *args[] = {future};
     PyObject *r = call_known(st->future_type, st->future_done, st->s_done, args, 1);
     if (r == NULL) {
@@ -532,10 +543,15 @@ resolve(waitc_state *st, Waiter *w, PyObject *value, int exception)
             return 0;
         }
         PyObject *args[] = {future, value};
-        r = exception ? call_known(st->future_type, st->future_set_exception,
-                                   st->s_set_exception, args, 2)
-                      : call_known(st->future_type, st->future_set_result, st->s_set_result,
-                                   args, 2);
+        if (Py_IS_TYPE(future, st->share_type)) {
+            r = share_resolve((Share *)future, value, exception);
+        }
+        else {
+            r = exception ? call_known(st->future_type, st->future_set_exception,
+                                       st->s_set_exception, args, 2)
+                          : call_known(st->future_type, st->future_set_result,
+                                       st->s_set_result, args, 2);
+        }
     }
     else {
         PyObject *loop = Py_NewRef(slot->loop);
@@ -1411,6 +1427,18 @@ Core_set_turns(PyObject *op, PyObject *value, void *Py_UNUSED(closure))
 }
 
 static PyObject *
+Core_get_held(PyObject *op, void *Py_UNUSED(closure))
+{
+    return PyLong_FromSsize_t(((Core *)op)->held);
+}
+
+static int
+Core_set_held(PyObject *op, PyObject *value, void *Py_UNUSED(closure))
+{
+    return Core_set_count(&((Core *)op)->held, value);
+}
+
+static PyObject *
 Core_get_closed(PyObject *op, void *Py_UNUSED(closure))
 {
     return PyBool_FromLong(((Core *)op)->closed);
@@ -1568,6 +1596,32 @@ Core_ring(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
 /* ---------------------------------------------------------------------------------
  * Wait: what `await queue.wait(waiter)` awaits
  * --------------------------------------------------------------------------------- */
+
+/* throw(exc) on an awaitable not suspended in anything: raise it here, as a coroutine
+ * would at its start. */
+static void
+raise_thrown(PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *thrown = args[0];
+    if (PyExceptionClass_Check(thrown)) {
+        PyErr_SetObject(thrown, nargs > 1 ? args[1] : NULL);
+    }
+    else {
+        PyErr_SetObject((PyObject *)Py_TYPE(thrown), thrown);
+    }
+}
+
+/* throw(*args) into `inner`, the iterator an awaitable is suspended in. */
+static PyObject *
+throw_into(waitc_state *st, PyObject *inner, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *call[4] = {inner, NULL, NULL, NULL};
+    for (Py_ssize_t i = 0; i < nargs; i++) {
+        call[i + 1] = args[i];
+    }
+    return PyObject_VectorcallMethod(st->s_throw, call,
+                                     (size_t)(nargs + 1) | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+}
 
 /* The wait is over by an exception (cancelled, timed out, its loop closed, the
  * coroutine closed): queue.abandon(waiter), keeping that exception. */
@@ -1757,26 +1811,14 @@ Wait_throw(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "throw() takes 1 to 3 arguments");
         return NULL;
     }
-    if (self->inner == NULL || self->over) {
-        /* Not started (or over): raise it here, as a coroutine would at its start. */
-        PyObject *thrown = args[0];
-        if (PyExceptionClass_Check(thrown)) {
-            PyErr_SetObject(thrown, nargs > 1 ? args[1] : NULL);
-        }
-        else {
-            PyErr_SetObject((PyObject *)Py_TYPE(thrown), thrown);
-        }
+    if (self->inner == NULL || self->over) { /* not started (or over) */
+        raise_thrown(args, nargs);
         if (!self->over) {
             wait_abandon(st, self);
         }
         return NULL;
     }
-    PyObject *call[4] = {self->inner, NULL, NULL, NULL};
-    for (Py_ssize_t i = 0; i < nargs; i++) {
-        call[i + 1] = args[i];
-    }
-    PyObject *result = PyObject_VectorcallMethod(
-        st->s_throw, call, (size_t)(nargs + 1) | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    PyObject *result = throw_into(st, self->inner, args, nargs);
     if (result != NULL) {
         return result;
     }
@@ -1961,6 +2003,8 @@ static PyGetSetDef Core_getset[] = {
     {"waiting", Core_get_waiting, Core_set_waiting, "Pending waiters over all loops.", NULL},
     {"turns", Core_get_turns, Core_set_turns,
      "Waiters woken for their turn that have not run yet, all loops.", NULL},
+    {"held", Core_get_held, Core_set_held,
+     "BarrierGroup rounds in progress over this (Barrier's) queue.", NULL},
     {"_closed", Core_get_closed, Core_set_closed, "The queue was closed.", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
@@ -2029,18 +2073,19 @@ dispatch_locked(waitc_state *st, Core *queue, LoopSlot *slot, PyObject *owner,
             return -1;
         }
     }
-    if (w == NULL) {
+    if (w == NULL && !queue->held) {
         /* Nobody of this loop waits (a waiter whose task was cancelled but has not
          * resumed yet does not count: `first` settles it). Read nothing, and drop this
          * fd's registration (the others stay until they fire too) rather than be called
          * again and again for an fd nobody asked about; but not while a woken waiter
-         * has not run (it may need it again). */
+         * has not run (it may need it again). A Barrier held by a group's round is
+         * read all the same (see pump). */
         if (slot->woken == Py_None) {
             return do_method2((PyObject *)queue, st->s_unregister, (PyObject *)slot, fd_obj);
         }
         return 0;
     }
-    Py_DECREF(w);
+    Py_XDECREF(w);
     PyObject *r = call_method2(owner, st->s_on_readable, (PyObject *)slot, fd_obj);
     Py_XDECREF(r);
     return r == NULL ? -1 : 0;
@@ -2288,7 +2333,10 @@ apply(BarrierCore *self, uint64_t value)
 }
 
 /* systemd's read loop, run once for everyone waiting now (lock held). `cond`: a
- * blocking twin of this thread waits for it too (NULL: none does). */
+ * blocking twin of this thread waits for it too (NULL: none does). While nobody waits
+ * but a group's round holds the Barrier (design §11), the eventfd is read all the same
+ * (what a wait would read now), and the pipe is not looked at: an exit is noticed only
+ * by a wait. */
 static int
 pump(waitc_state *st, BarrierCore *self, PyObject *cond)
 {
@@ -2299,22 +2347,31 @@ pump(waitc_state *st, BarrierCore *self, PyObject *cond)
     Py_INCREF(queue);
     int rc = 0;
     while (!self->they_aborted) {
+        int held_only = 0;
         if (!queue->waiting) {
             if (cond == NULL) {
-                break;
+                if (!queue->held) {
+                    break;
+                }
+                held_only = 1;
             }
-            PyObject *said = verdict(self, cond);
-            if (said != NULL) {
-                break;
-            }
-            if (PyErr_Occurred()) {
-                rc = -1;
-                break;
+            else {
+                PyObject *said = verdict(self, cond);
+                if (said != NULL) {
+                    break;
+                }
+                if (PyErr_Occurred()) {
+                    rc = -1;
+                    break;
+                }
             }
         }
         uint64_t value;
         if (read_them(self, &value) < 0) {
             rc = -1;
+            break;
+        }
+        if (!value && held_only) {
             break;
         }
         if (!value) {
@@ -2390,9 +2447,11 @@ BarrierCore_broken(PyObject *op, PyObject *Py_UNUSED(ignored))
 /* The first half of a wait for `cond`, under the lock: its result at once (Py_True,
  * Py_False), or a waiter parked on the queue (a new reference); NULL with an error.
  * With `placing`, place() first (place_and_sync): if that places nothing, False. A
- * parked waiter's future is `future` if given (a Share of a Gather), else a new one. */
+ * parked waiter's future is `future` if given (a Share of a Gather), else a new one.
+ * With `hold`, a group's round holds the Barrier from now on (unless this fails). */
 static PyObject *
-start_wait(waitc_state *st, BarrierCore *self, PyObject *cond, int placing, PyObject *future)
+start_wait(waitc_state *st, BarrierCore *self, PyObject *cond, int placing, PyObject *future,
+           int hold)
 {
     Core *queue = waitq_of(self, st);
     if (queue == NULL) {
@@ -2414,6 +2473,9 @@ start_wait(waitc_state *st, BarrierCore *self, PyObject *cond, int placing, PyOb
             else if (!PyErr_Occurred()) {
                 result = park((PyObject *)queue, cond, future);
             }
+        }
+        if (result != NULL && hold) {
+            queue->held += 1;
         }
         if (lock_release(st, lock) < 0) {
             Py_CLEAR(result);
@@ -2442,7 +2504,7 @@ BarrierCore_start_wait(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
         raise_closed("this Barrier was closed");
         return NULL;
     }
-    return start_wait(state_of(op), self, args[0], placing, future);
+    return start_wait(state_of(op), self, args[0], placing, future, 0);
 }
 
 
@@ -2470,6 +2532,16 @@ BarrierCore_on_readable(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
          * error only once per registration, so register afresh (now, or with this
          * loop's next waiter) rather than keep a spent registration. */
         PyObject *r = call_method1(self->waitq, st->s_reregister, args[0]);
+        if (r == NULL) {
+            return NULL;
+        }
+        Py_DECREF(r);
+    }
+    else if (self->they_aborted && ((Core *)self->waitq)->held &&
+             check_slot(st, args[0]) != NULL && !((LoopSlot *)args[0])->live) {
+        /* Called for a group's round alone (see dispatch_locked), and nothing more will
+         * be read: drop it rather than be called again and again. */
+        PyObject *r = call_method2(self->waitq, st->s_unregister, args[0], args[1]);
         if (r == NULL) {
             return NULL;
         }
@@ -2942,20 +3014,8 @@ Gather_dealloc(PyObject *op)
 }
 
 static PyObject *
-Gather_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+new_gather(waitc_state *st, PyTypeObject *type, int first)
 {
-    int first = 0;
-    if (PyTuple_GET_SIZE(args) > 1 || (kwds != NULL && PyDict_GET_SIZE(kwds) != 0)) {
-        PyErr_SetString(PyExc_TypeError, "Gather(first=False, /) takes at most 1 argument");
-        return NULL;
-    }
-    if (PyTuple_GET_SIZE(args) == 1 && (first = PyObject_IsTrue(PyTuple_GET_ITEM(args, 0))) < 0) {
-        return NULL;
-    }
-    waitc_state *st = state_for(type);
-    if (st == NULL) {
-        return NULL;
-    }
     Gather *self = PyObject_GC_New(Gather, type);
     if (self == NULL) {
         return NULL;
@@ -2967,6 +3027,21 @@ Gather_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     self->fired = 0;
     PyObject_GC_Track(self);
     return (PyObject *)self;
+}
+
+static PyObject *
+Gather_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    int first = 0;
+    if (PyTuple_GET_SIZE(args) > 1 || (kwds != NULL && PyDict_GET_SIZE(kwds) != 0)) {
+        PyErr_SetString(PyExc_TypeError, "Gather(first=False, /) takes at most 1 argument");
+        return NULL;
+    }
+    if (PyTuple_GET_SIZE(args) == 1 && (first = PyObject_IsTrue(PyTuple_GET_ITEM(args, 0))) < 0) {
+        return NULL;
+    }
+    waitc_state *st = state_for(type);
+    return st == NULL ? NULL : new_gather(st, type, first);
 }
 
 /* Wake the Gather's task: set its future, or, if it has none pending (not armed
@@ -3014,17 +3089,12 @@ Gather_share(PyObject *op, PyObject *Py_UNUSED(ignored))
     return (PyObject *)share;
 }
 
+/* arm() in `loop` (the running one). */
 static PyObject *
-Gather_arm(PyObject *op, PyObject *Py_UNUSED(ignored))
+gather_arm(Gather *g, PyObject *loop)
 {
-    Gather *g = (Gather *)op;
     waitc_state *st = g->st;
-    PyObject *loop = PyObject_CallNoArgs(st->get_running_loop);
-    if (loop == NULL) {
-        return NULL;
-    }
     PyObject *future = call_method0(loop, st->s_create_future);
-    Py_DECREF(loop);
     if (future == NULL) {
         return NULL;
     }
@@ -3036,6 +3106,19 @@ Gather_arm(PyObject *op, PyObject *Py_UNUSED(ignored))
             return NULL;
         }
     }
+    return future;
+}
+
+static PyObject *
+Gather_arm(PyObject *op, PyObject *Py_UNUSED(ignored))
+{
+    waitc_state *st = ((Gather *)op)->st;
+    PyObject *loop = PyObject_CallNoArgs(st->get_running_loop);
+    if (loop == NULL) {
+        return NULL;
+    }
+    PyObject *future = gather_arm((Gather *)op, loop);
+    Py_DECREF(loop);
     return future;
 }
 
@@ -3196,6 +3279,575 @@ static PyType_Spec Share_spec = {
 };
 
 /* ---------------------------------------------------------------------------------
+ * Round: a BarrierGroup's sync, from its start to every member's outcome
+ *
+ * `await sync_round(group, members, place, abort_on_failure)` is the group's sync
+ * (design §11) in one C object, so that a round makes no Python call on its way when
+ * all goes well: per member the first half of its own sync (start_wait, placing first
+ * with `place`); a member that needs no wait is sorted at once; the others' waiters,
+ * whose futures are Shares of one Gather, are awaited together through the Gather's
+ * future, and each member is sorted when the task resumes after its release (before
+ * anything else of this task can change it). With abort_on_failure, a failed member
+ * aborts the group (group.abort()): after the start, and at each failure released.
+ * On the way out, whatever the reason, every waiter still parked is abandoned
+ * (queue.abandon, as a cancelled Barrier.sync() abandons its own) and every hold is
+ * given back.
+ *
+ * From its start to its end the round holds every member (Core.held): what a child
+ * writes meanwhile is read and counted, though no waiter of that member is left (see
+ * pump). Without it, a child one round ahead fires the parent's reader while nobody
+ * waits on that member, its registration is dropped, and the next round adds it back.
+ * --------------------------------------------------------------------------------- */
+
+/* What became of one child: the values of _group.Outcome, which takes them from here. */
+#define SYNCED 0
+#define ABORTED 1
+#define DIED 2
+#define STOPPED 3
+#define UNREPORTED (-1)
+
+typedef struct {
+    PyObject_HEAD
+    waitc_state *st;
+    PyObject *group;       /* its abort() is called with abort_on_failure */
+    PyObject *members;     /* tuple of BarrierCore */
+    PyObject *gather;      /* the Gather, once started */
+    PyObject *inner;       /* the armed future's __await__() iterator, or NULL */
+    PyObject **waiters;    /* per member: its parked Waiter, or NULL */
+    signed char *outcomes; /* per member: an outcome, or UNREPORTED */
+    Py_ssize_t n;
+    Py_ssize_t parked; /* waiters parked and not sorted yet */
+    Py_ssize_t held;   /* members 0 .. held - 1 are held */
+    char place;
+    char first; /* abort_on_failure */
+    char started;
+    char over;
+} Round;
+
+/* A member's outcome, from the result of its sync and its state now. */
+static int
+outcome_of(BarrierCore *b, int synced)
+{
+    if (synced) {
+        return SYNCED;
+    }
+    if (b->peer_exited) {
+        return DIED;
+    }
+    if (b->they_aborted) {
+        return ABORTED;
+    }
+    if (b->barriers <= 0) {
+        return SYNCED; /* it had caught up: only this side's abort said False */
+    }
+    return STOPPED;
+}
+
+static inline int
+failed_outcome(int outcome)
+{
+    return outcome == ABORTED || outcome == DIED;
+}
+
+static inline BarrierCore *
+round_member(Round *self, Py_ssize_t i)
+{
+    return (BarrierCore *)PyTuple_GET_ITEM(self->members, i);
+}
+
+/* Every member's first half of the sync: 0, or -1 with an error set. */
+static int
+round_start(Round *self)
+{
+    waitc_state *st = self->st;
+    for (Py_ssize_t i = 0; i < self->n; i++) { /* before anything is placed anywhere */
+        if (round_member(self, i)->me < 0) {
+            raise_closed("this Barrier was closed");
+            return -1;
+        }
+    }
+    self->gather = new_gather(st, st->gather_type, self->first);
+    if (self->gather == NULL) {
+        return -1;
+    }
+    PyObject *zero = PyLong_FromLong(0);
+    if (zero == NULL) {
+        return -1;
+    }
+    PyObject *share = NULL; /* kept for the next member while no waiter took it */
+    int rc = 0, failed = 0;
+    for (Py_ssize_t i = 0; i < self->n; i++) {
+        if (share == NULL && (share = Gather_share(self->gather, NULL)) == NULL) {
+            rc = -1;
+            break;
+        }
+        BarrierCore *b = round_member(self, i);
+        PyObject *started = start_wait(st, b, zero, self->place, share, 1);
+        if (started == NULL) {
+            rc = -1;
+            break;
+        }
+        self->held = i + 1;
+        if (PyBool_Check(started)) { /* nothing to wait for */
+            int outcome = outcome_of(b, started == Py_True);
+            self->outcomes[i] = (signed char)outcome;
+            failed |= failed_outcome(outcome);
+            Py_DECREF(started);
+        }
+        else {
+            self->waiters[i] = started;
+            self->parked += 1;
+            Py_CLEAR(share);
+        }
+    }
+    if (share != NULL) { /* made, never handed out */
+        ((Gather *)self->gather)->pending -= 1;
+        Py_DECREF(share);
+    }
+    Py_DECREF(zero);
+    if (rc == 0 && failed && self->first) {
+        rc = do_method0(self->group, st->s_abort); /* releases every parked sync */
+    }
+    return rc;
+}
+
+/* Sort every member whose waiter was released: 0, or -1 with an error set (a member
+ * was closed meanwhile, or group.abort() failed). */
+static int
+round_collect(Round *self)
+{
+    for (Py_ssize_t i = 0; i < self->n; i++) {
+        Waiter *w = (Waiter *)self->waiters[i];
+        if (w == NULL) {
+            continue;
+        }
+        Share *share = (Share *)w->future;
+        if (share->result == NULL) {
+            continue;
+        }
+        if (share->failed) { /* ClosedResourceError */
+            PyObject *exc = share->result;
+            PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+            return -1;
+        }
+        int outcome = outcome_of(round_member(self, i), share->result == Py_True);
+        self->outcomes[i] = (signed char)outcome;
+        Py_CLEAR(self->waiters[i]);
+        self->parked -= 1;
+        if (self->first && failed_outcome(outcome) &&
+            do_method0(self->group, self->st->s_abort) < 0) {
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* Give member i's hold back: 0, or -1 with an error set. */
+static int
+round_unhold(Round *self, Py_ssize_t i)
+{
+    Core *queue = waitq_of(round_member(self, i), self->st);
+    if (queue == NULL) {
+        return -1;
+    }
+    PyObject *lock = Py_NewRef(queue->lock);
+    int rc = lock_acquire(self->st, lock);
+    if (rc == 0) {
+        queue->held -= 1;
+        rc = lock_release(self->st, lock);
+    }
+    Py_DECREF(lock);
+    return rc;
+}
+
+/* The way out, whatever the reason: abandon every waiter still parked, give every
+ * hold back. An exception already set is kept (a later one is reported unraisable);
+ * 0, or -1 with an error set by this cleanup. Runs once. */
+static int
+round_end(Round *self)
+{
+    if (self->over) {
+        return 0;
+    }
+    self->over = 1;
+    saved_error saved;
+    save_error(&saved);
+    int rc = 0;
+    for (Py_ssize_t i = 0; i < self->n; i++) {
+        PyObject *w = self->waiters[i];
+        if (w == NULL) {
+            continue;
+        }
+        self->waiters[i] = NULL;
+        PyObject *queue = round_member(self, i)->waitq;
+        PyObject *r = call_method1(queue, self->st->s_abandon, w);
+        Py_DECREF(w);
+        if (r == NULL) {
+            if (rc < 0 || saved_some(&saved)) {
+                PyErr_WriteUnraisable(queue);
+            }
+            rc = -1;
+        }
+        Py_XDECREF(r);
+    }
+    self->parked = 0;
+    for (Py_ssize_t i = 0; i < self->held; i++) {
+        if (round_unhold(self, i) < 0) {
+            if (rc < 0 || saved_some(&saved)) {
+                PyErr_WriteUnraisable(self->members);
+            }
+            rc = -1;
+        }
+    }
+    self->held = 0;
+    if (saved_some(&saved)) {
+        restore_error(&saved);
+        return -1;
+    }
+    return rc;
+}
+
+/* The round is over, every member sorted: None if every child synced, else the
+ * outcome of each (None: unreported), or NULL with an error set. */
+static PyObject *
+round_return(Round *self)
+{
+    if (round_end(self) < 0) {
+        return NULL;
+    }
+    int all_synced = 1;
+    for (Py_ssize_t i = 0; i < self->n; i++) {
+        all_synced &= self->outcomes[i] == SYNCED;
+    }
+    if (all_synced) {
+        return Py_NewRef(Py_None);
+    }
+    PyObject *outcomes = PyTuple_New(self->n);
+    if (outcomes == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < self->n; i++) {
+        int outcome = self->outcomes[i];
+        PyObject *item = outcome == UNREPORTED ? Py_NewRef(Py_None) : PyLong_FromLong(outcome);
+        if (item == NULL) {
+            Py_DECREF(outcomes);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(outcomes, i, item);
+    }
+    return outcomes;
+}
+
+/* The loop the round's waiters were parked in (the running one). */
+static PyObject *
+round_loop(Round *self)
+{
+    for (Py_ssize_t i = 0; i < self->n; i++) {
+        if (self->waiters[i] != NULL) {
+            return slot_of((Waiter *)self->waiters[i])->loop;
+        }
+    }
+    return NULL; /* not reached: called while some waiter is parked */
+}
+
+/* On from where the round is, sending `value` into the future awaited now (am_send:
+ * the round's result is returned, not raised as StopIteration). */
+static PySendResult
+round_send(Round *self, PyObject *value, PyObject **result)
+{
+    *result = NULL;
+    if (self->over) {
+        PyErr_SetString(PyExc_RuntimeError, "cannot reuse an awaited round");
+        return PYGEN_ERROR;
+    }
+    if (!self->started) {
+        self->started = 1;
+        if (round_start(self) < 0) {
+            goto fail;
+        }
+    }
+    for (;;) {
+        if (self->inner == NULL) {
+            if (!self->parked) {
+                *result = round_return(self);
+                return *result == NULL ? PYGEN_ERROR : PYGEN_RETURN;
+            }
+            /* Done at once if the shares it waits for were released already (by our
+             * own abort, say). */
+            PyObject *future = gather_arm((Gather *)self->gather, round_loop(self));
+            if (future == NULL) {
+                goto fail;
+            }
+            self->inner = Py_TYPE(future)->tp_as_async->am_await(future);
+            Py_DECREF(future);
+            if (self->inner == NULL) {
+                goto fail;
+            }
+            value = Py_None;
+        }
+        PyObject *sent_back = NULL;
+        PySendResult sent = PyIter_Send(self->inner, value, &sent_back);
+        if (sent == PYGEN_NEXT) {
+            *result = sent_back;
+            return PYGEN_NEXT;
+        }
+        if (sent == PYGEN_ERROR) {
+            goto fail;
+        }
+        Py_DECREF(sent_back);
+        Py_CLEAR(self->inner);
+        if (round_collect(self) < 0) {
+            goto fail;
+        }
+    }
+fail:
+    Py_CLEAR(self->inner);
+    round_end(self);
+    return PYGEN_ERROR;
+}
+
+static PySendResult
+Round_am_send(PyObject *op, PyObject *value, PyObject **result)
+{
+    return round_send((Round *)op, value, result);
+}
+
+/* round_send() for send() and __next__(): the result raised as StopIteration. */
+static PyObject *
+round_step(Round *self, PyObject *value)
+{
+    PyObject *result;
+    PySendResult sent = round_send(self, value, &result);
+    if (sent == PYGEN_RETURN) {
+        if (result == Py_None) {
+            PyErr_SetNone(PyExc_StopIteration);
+        }
+        else {
+            PyObject *stop = PyObject_CallOneArg(PyExc_StopIteration, result);
+            if (stop != NULL) {
+                PyErr_SetObject(PyExc_StopIteration, stop);
+                Py_DECREF(stop);
+            }
+        }
+        Py_DECREF(result);
+        return NULL;
+    }
+    return result; /* PYGEN_NEXT: what was yielded; PYGEN_ERROR: NULL */
+}
+
+static PyObject *
+Round_send(PyObject *op, PyObject *value)
+{
+    return round_step((Round *)op, value);
+}
+
+static PyObject *
+Round_iternext(PyObject *op)
+{
+    return round_step((Round *)op, Py_None);
+}
+
+static PyObject *
+Round_throw(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
+{
+    Round *self = (Round *)op;
+    if (nargs < 1 || nargs > 3) {
+        PyErr_SetString(PyExc_TypeError, "throw() takes 1 to 3 arguments");
+        return NULL;
+    }
+    if (self->inner == NULL) { /* not started, or over */
+        raise_thrown(args, nargs);
+        round_end(self);
+        return NULL;
+    }
+    PyObject *result = throw_into(self->st, self->inner, args, nargs);
+    if (result != NULL) {
+        return result;
+    }
+    if (PyErr_ExceptionMatches(PyExc_StopIteration)) { /* the future was done meanwhile */
+        PyErr_Clear();
+        Py_CLEAR(self->inner);
+        if (round_collect(self) < 0) {
+            round_end(self);
+            return NULL;
+        }
+        return round_step(self, Py_None);
+    }
+    Py_CLEAR(self->inner);
+    round_end(self);
+    return NULL;
+}
+
+static PyObject *
+Round_close(PyObject *op, PyObject *Py_UNUSED(ignored))
+{
+    Round *self = (Round *)op;
+    if (self->inner != NULL && do_method0(self->inner, self->st->s_close) < 0) {
+        PyErr_Clear();
+    }
+    Py_CLEAR(self->inner);
+    if (round_end(self) < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+Round_await(PyObject *op)
+{
+    return Py_NewRef(op);
+}
+
+/* Dropped unfinished (its task was garbage-collected): leave nothing parked or held. */
+static void
+Round_finalize(PyObject *op)
+{
+    Round *self = (Round *)op;
+    if (self->over || !self->started || self->waiters == NULL) {
+        return;
+    }
+    saved_error saved;
+    save_error(&saved);
+    Py_CLEAR(self->inner);
+    if (round_end(self) < 0) {
+        PyErr_WriteUnraisable(op);
+    }
+    restore_error(&saved);
+}
+
+static int
+Round_traverse(PyObject *op, visitproc visit, void *arg)
+{
+    Round *self = (Round *)op;
+    Py_VISIT(Py_TYPE(op));
+    Py_VISIT(self->group);
+    Py_VISIT(self->members);
+    Py_VISIT(self->gather);
+    Py_VISIT(self->inner);
+    for (Py_ssize_t i = 0; self->waiters != NULL && i < self->n; i++) {
+        Py_VISIT(self->waiters[i]);
+    }
+    return 0;
+}
+
+static int
+Round_clear(PyObject *op)
+{
+    Round *self = (Round *)op;
+    self->over = 1;
+    Py_CLEAR(self->group);
+    Py_CLEAR(self->members);
+    Py_CLEAR(self->gather);
+    Py_CLEAR(self->inner);
+    for (Py_ssize_t i = 0; self->waiters != NULL && i < self->n; i++) {
+        Py_CLEAR(self->waiters[i]);
+    }
+    return 0;
+}
+
+static void
+Round_dealloc(PyObject *op)
+{
+    if (PyObject_CallFinalizerFromDealloc(op) < 0) {
+        return; /* resurrected */
+    }
+    Round *self = (Round *)op;
+    PyObject **waiters = self->waiters;
+    signed char *outcomes = self->outcomes;
+    gc_dealloc(op, Round_clear);
+    PyMem_Free(waiters);
+    PyMem_Free(outcomes);
+}
+
+static PyMethodDef Round_methods[] = {
+    {"send", Round_send, METH_O, "send(value) -> Any\n--\n\nAs a coroutine's send()."},
+    {"throw", FASTCALL(Round_throw), METH_FASTCALL,
+     "throw(exc) -> Any\n--\n\nAs a coroutine's throw(): the round is abandoned."},
+    {"close", Round_close, METH_NOARGS,
+     "close() -> None\n--\n\nAs a coroutine's close(): the round is abandoned."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot Round_slots[] = {
+    {Py_tp_doc, (void *)PyDoc_STR("What `await sync_round(...)` awaits: a BarrierGroup's\n"
+                                  "sync, from its start to every member's outcome.")},
+    {Py_am_await, FUNC(Round_await)},
+    {Py_am_send, FUNC(Round_am_send)},
+    {Py_tp_iter, FUNC(Round_await)},
+    {Py_tp_iternext, FUNC(Round_iternext)},
+    {Py_tp_finalize, FUNC(Round_finalize)},
+    {Py_tp_dealloc, FUNC(Round_dealloc)},
+    {Py_tp_traverse, FUNC(Round_traverse)},
+    {Py_tp_clear, FUNC(Round_clear)},
+    {Py_tp_methods, Round_methods},
+    {0, NULL},
+};
+
+static PyType_Spec Round_spec = {
+    .name = "aiosync._waitc.Round",
+    .basicsize = sizeof(Round),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE |
+             Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .slots = Round_slots,
+};
+
+static PyObject *
+waitc_sync_round(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError,
+                        "sync_round(group, members, place, abort_on_failure) takes 4 arguments");
+        return NULL;
+    }
+    waitc_state *st = get_state(module);
+    PyObject *members = args[1];
+    if (!PyTuple_CheckExact(members) || PyTuple_GET_SIZE(members) == 0) {
+        PyErr_SetString(PyExc_TypeError, "sync_round: members must be a non-empty tuple");
+        return NULL;
+    }
+    Py_ssize_t n = PyTuple_GET_SIZE(members);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (!PyObject_TypeCheck(PyTuple_GET_ITEM(members, i), st->barrier_type)) {
+            PyErr_SetString(PyExc_TypeError, "sync_round: every member must be a Barrier");
+            return NULL;
+        }
+    }
+    int place = PyObject_IsTrue(args[2]);
+    int first = place < 0 ? -1 : PyObject_IsTrue(args[3]);
+    if (first < 0) {
+        return NULL;
+    }
+    PyObject **waiters = PyMem_Calloc((size_t)n, sizeof(PyObject *));
+    signed char *outcomes = PyMem_Malloc((size_t)n);
+    if (waiters == NULL || outcomes == NULL) {
+        PyMem_Free(waiters);
+        PyMem_Free(outcomes);
+        return PyErr_NoMemory();
+    }
+    memset(outcomes, UNREPORTED, (size_t)n);
+    Round *self = PyObject_GC_New(Round, st->round_type);
+    if (self == NULL) {
+        PyMem_Free(waiters);
+        PyMem_Free(outcomes);
+        return NULL;
+    }
+    self->st = st;
+    self->group = Py_NewRef(args[0]);
+    self->members = Py_NewRef(members);
+    self->gather = NULL;
+    self->inner = NULL;
+    self->waiters = waiters;
+    self->outcomes = outcomes;
+    self->n = n;
+    self->parked = self->held = 0;
+    self->place = (char)place;
+    self->first = (char)first;
+    self->started = self->over = 0;
+    PyObject_GC_Track(self);
+    return (PyObject *)self;
+}
+
+/* ---------------------------------------------------------------------------------
  * The module
  * --------------------------------------------------------------------------------- */
 
@@ -3205,6 +3857,10 @@ static PyMethodDef waitc_functions[] = {
      "The reader callback of one (loop, fd) registration: if the primitive is alive and\n"
      "someone of the slot's loop waits, call its _on_readable(slot, fd) with the lock\n"
      "held; else drop the registration (see _waitq's top)."},
+    {"sync_round", FASTCALL(waitc_sync_round), METH_FASTCALL,
+     "sync_round(group, members, place, abort_on_failure) -> Awaitable\n--\n\n"
+     "A BarrierGroup's sync (await it): None once every child synced, else each\n"
+     "member's outcome (an int, or None: not reported). See the Round section."},
     {"_set_result", FASTCALL(waitc_set_result), METH_FASTCALL,
      "_set_result(future, result) -> None\n--\n\n"
      "future.set_result(result) unless it is done (in another thread's loop)."},
@@ -3256,7 +3912,8 @@ waitc_exec(PyObject *module)
         (st->wait_type = add_type(module, &Wait_spec)) == NULL ||
         (st->rlock_type = add_type(module, &RLock_spec)) == NULL ||
         (st->gather_type = add_type(module, &Gather_spec)) == NULL ||
-        (st->share_type = add_type(module, &Share_spec)) == NULL) {
+        (st->share_type = add_type(module, &Share_spec)) == NULL ||
+        (st->round_type = add_type(module, &Round_spec)) == NULL) {
         return -1;
     }
     if ((st->get_running_loop = import_attr("asyncio", "get_running_loop")) == NULL ||
@@ -3288,12 +3945,16 @@ waitc_exec(PyObject *module)
         intern(&st->s_wake_blockers, "wake_blockers") < 0 ||
         intern(&st->s_abandon, "abandon") < 0 || intern(&st->s_throw, "throw") < 0 ||
         intern(&st->s_cancelled, "cancelled") < 0 ||
-        intern(&st->s_close, "close") < 0) {
+        intern(&st->s_close, "close") < 0 || intern(&st->s_abort, "abort") < 0) {
         return -1;
     }
     if (PyModule_AddIntConstant(module, "PENDING", PENDING) < 0 ||
         PyModule_AddIntConstant(module, "RELEASED", RELEASED) < 0 ||
-        PyModule_AddIntConstant(module, "ABANDONED", ABANDONED) < 0) {
+        PyModule_AddIntConstant(module, "ABANDONED", ABANDONED) < 0 ||
+        PyModule_AddIntConstant(module, "SYNCED", SYNCED) < 0 ||
+        PyModule_AddIntConstant(module, "ABORTED", ABORTED) < 0 ||
+        PyModule_AddIntConstant(module, "DIED", DIED) < 0 ||
+        PyModule_AddIntConstant(module, "STOPPED", STOPPED) < 0) {
         return -1;
     }
     return 0;
@@ -3309,6 +3970,7 @@ waitc_exec(PyObject *module)
     X(rlock_type)                                                                           \
     X(gather_type)                                                                          \
     X(share_type)                                                                           \
+    X(round_type)                                                                           \
     X(get_running_loop)                                                                     \
     X(deque)                                                                                \
     X(future_type)                                                                          \
@@ -3339,7 +4001,8 @@ waitc_exec(PyObject *module)
     X(s_abandon)                                                                            \
     X(s_cancelled)                                                                          \
     X(s_throw)                                                                              \
-    X(s_close)
+    X(s_close)                                                                              \
+    X(s_abort)
 
 static int
 waitc_traverse(PyObject *module, visitproc visit, void *arg)

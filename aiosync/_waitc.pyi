@@ -12,6 +12,10 @@ R = TypeVar("R")
 PENDING: Final[int]
 RELEASED: Final[int]
 ABANDONED: Final[int]
+SYNCED: Final[int]
+ABORTED: Final[int]
+DIED: Final[int]
+STOPPED: Final[int]
 
 class Waiter(Generic[C, R]):
     future: asyncio.Future[R]
@@ -60,6 +64,7 @@ class Core(Generic[C, R]):
     lock: RLock
     waiting: int
     turns: int
+    held: int
     blockers: dict[int, int]
     _owner: weakref.ref[Any]
     _slots: dict[asyncio.AbstractEventLoop, LoopSlot[C, R]]
@@ -116,6 +121,16 @@ class Share:
     def set_result(self, result: Any, /) -> None: ...
     def set_exception(self, exc: BaseException, /) -> None: ...
     def result(self) -> Any: ...
+
+class Round:
+    def __await__(self) -> Generator[Any, None, tuple[int | None, ...] | None]: ...
+    def send(self, value: Any, /) -> Any: ...
+    def throw(self, exc: BaseException, /) -> Any: ...
+    def close(self) -> None: ...
+
+def sync_round(
+    group: Any, members: tuple[BarrierCore, ...], place: bool, abort_on_failure: bool, /
+) -> Round: ...
 
 class Gather:
     def __init__(self, first: bool = False, /) -> None: ...

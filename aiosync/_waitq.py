@@ -13,7 +13,8 @@ first) and the loop registrations of the fds they wait on.
   waiter of a loop makes it; it is kept while waiters come and go, dropped lazily the
   first time the fd fires while nobody of that loop waits (that fd's alone: the
   others stay until they fire too, and the next waiter adds back only what was
-  dropped), and always before the fd is closed. (The standard loop may report an
+  dropped; a Barrier held by a BarrierGroup's round is read instead, docs/design.md
+  §11), and always before the fd is closed. (The standard loop may report an
   event after a woken waiter took what it announced: the first event after a turn is
   checked with a zero-timeout poll.)
   The loop's callback holds only a weak reference to the queue, so a primitive dropped
@@ -324,7 +325,7 @@ class WaitQueue(Core[C, R]):
         self.lock = RLock()
         self._slots = {}
         self._partly = {}
-        self.waiting = self.turns = 0
+        self.waiting = self.turns = self.held = 0  # the parent's group rounds are not here
         for wake in self.blockers.values():  # the parent's threads are not here
             _fd.close(wake)
         self.blockers = {}

@@ -63,6 +63,9 @@ QUICK_SHARE = 8  # --quick: ROUNDS // QUICK_SHARE
 REPETITIONS = 5
 QUICK_REPETITIONS = 3
 TARGET = 1.25
+# Each process watches the others' pidfds (below). valgrind has no pidfd_open, so
+# `benchmarks.instructions` turns this off for its callgrind runs.
+WATCH_PIDS = True
 
 
 def warmup(rounds: int) -> int:
@@ -203,16 +206,18 @@ async def _child(me: int, them: int, rounds: int, parent: int) -> None:
     leaves no child waiting for ever.
     """
     loop = asyncio.get_running_loop()
-    watch = os.pidfd_open(parent)  # ProcessLookupError if it is gone already
-    loop.add_reader(watch, os._exit, 1)
+    watch = os.pidfd_open(parent) if WATCH_PIDS else -1  # ProcessLookupError if gone
+    if watch >= 0:
+        loop.add_reader(watch, os._exit, 1)
     step = raw_place_and_sync(me, them)
     try:
         for _ in range(warmup(rounds) + rounds):
             await step()
     finally:
         loop.remove_reader(them)
-        loop.remove_reader(watch)
-        os.close(watch)
+        if watch >= 0:
+            loop.remove_reader(watch)
+            os.close(watch)
 
 
 def _child_life(
@@ -244,8 +249,9 @@ async def _parent(contender: Contender, pids: Sequence[int], rounds: int) -> flo
             failed.append(pid)
             task.cancel()
 
-    pidfds = [os.pidfd_open(pid) for pid in pids]
-    for pid, pidfd in zip(pids, pidfds, strict=True):
+    watched = pids if WATCH_PIDS else []
+    pidfds = [os.pidfd_open(pid) for pid in watched]
+    for pid, pidfd in zip(watched, pidfds, strict=True):
         loop.add_reader(pidfd, exited, pid, pidfd)
     step = contender.side()
     try:

@@ -2,13 +2,16 @@
 depend on how busy the machine is (the same binary and inputs give the same count).
 
 Usage: python -m benchmarks.instructions [--kinds asyncio,uvloop] [NAME ...]
-(NAME: barrier, completion; default both)
+(NAME: barrier, completion, group1, group4; default all)
 
 For each primitive and loop, aiosync's round trip and the raw floor's run under callgrind
 twice, with 500 and 1,500 round trips, both processes pinned to CPU 0; the difference,
 divided by 1,000, is each process's cost of one round trip without start-up and
-warm-up. Takes about a minute per line. Needs valgrind (Debian's package); not part of
-`make bench`, and nothing is written to results.json.
+warm-up. ``groupN``: `BarrierGroup.place_and_sync()` with N children against the group
+floor (benchmarks.bench_group, its pidfd watch off: valgrind has no pidfd_open); the
+child figure is the N children's together. Takes about a minute per line. Needs
+valgrind (Debian's package); not part of `make bench`, and nothing is written to
+results.json.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from . import _common, bench_barrier, bench_completion
+from . import _common, bench_barrier, bench_completion, bench_group
 
 CONTENDERS: dict[str, dict[str, Callable[[], _common.Contender]]] = {
     "barrier": {"aiosync": bench_barrier.AiosyncBarrier, "floor": bench_barrier.RawFloor},
@@ -32,13 +35,19 @@ CONTENDERS: dict[str, dict[str, Callable[[], _common.Contender]]] = {
         "floor": bench_completion.RawFloor,
     },
 }
+GROUPS = {"group1": 1, "group4": 4}  # name -> N children
 ROUNDS = (500, 1500)
 
 
 def child_main(name: str, contender: str, kind: str, rounds: int) -> None:
     """Run under callgrind: `rounds` round trips, parent and forked child on CPU 0."""
     os.sched_setaffinity(0, {0})
-    _common.round_trip(CONTENDERS[name][contender], kind, rounds)
+    if name in GROUPS:
+        bench_group.WATCH_PIDS = False
+        make = bench_group.CONTENDERS[contender]
+        bench_group.run_group(make, GROUPS[name], kind, rounds)
+    else:
+        _common.round_trip(CONTENDERS[name][contender], kind, rounds)
 
 
 def totals(directory: str) -> list[int]:
@@ -78,20 +87,24 @@ def count(name: str, contender: str, kind: str) -> tuple[float, float]:
                 check=True,
             )
             runs.append(totals(out))
-    (parent0, child0), (parent1, child1) = runs
+    (parent0, *children0), (parent1, *children1) = runs
     trips = ROUNDS[1] - ROUNDS[0]
-    return (parent1 - parent0) / trips, (child1 - child0) / trips
+    if name in GROUPS:  # the group bench adds a warm-up of a tenth of its rounds
+        low, high = (r + bench_group.warmup(r) for r in ROUNDS)
+        trips = high - low
+    return (parent1 - parent0) / trips, (sum(children1) - sum(children0)) / trips
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.instructions")
     parser.add_argument("--kinds", default="asyncio,uvloop")
     parser.add_argument("--child", nargs=4, metavar=("NAME", "CONTENDER", "KIND", "ROUNDS"))
-    parser.add_argument("names", nargs="*", help="barrier, completion (default: both)")
+    names = [*CONTENDERS, *GROUPS]
+    parser.add_argument("names", nargs="*", help=f"{', '.join(names)} (default: all)")
     args = parser.parse_args(argv)
-    unknown = set(args.names) - set(CONTENDERS)
+    unknown = set(args.names) - set(names)
     if unknown and not args.child:
-        parser.error(f"unknown: {', '.join(sorted(unknown))} (barrier, completion)")
+        parser.error(f"unknown: {', '.join(sorted(unknown))} ({', '.join(names)})")
     if args.child:
         name, contender, kind, rounds = args.child
         child_main(name, contender, kind, int(rounds))
@@ -99,11 +112,12 @@ def main(argv: list[str] | None = None) -> None:
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is not installed (Debian: apt-get install valgrind)")
     print("instructions per round trip and process (parent / child), callgrind, CPU 0")
-    for name in args.names or list(CONTENDERS):
+    for name in args.names or names:
         for kind in args.kinds.split(","):
             floor = count(name, "floor", kind)
             ours = count(name, "aiosync", kind)
-            ratio = (ours[0] + ours[1]) / (floor[0] + floor[1])
+            # A group's children run the same program against both: the parent's ratio.
+            ratio = ours[0] / floor[0] if name in GROUPS else sum(ours) / sum(floor)
             print(
                 f"{name:<10} {kind:<7}  aiosync {ours[0] / 1000:5.1f}k / {ours[1] / 1000:5.1f}k"
                 f"   floor {floor[0] / 1000:5.1f}k / {floor[1] / 1000:5.1f}k   x {ratio:.2f}",

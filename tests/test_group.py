@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing
+import os
 import pickle
 import random
 import time
@@ -25,6 +26,7 @@ from support import PYTHON, SOON, assert_blocks, loop_kind, run_on, soon
 
 import aiosync
 from aiosync import Barrier, BarrierGroup, ClosedResourceError, GroupResult, Role
+from aiosync._barrier import queue_of
 
 CHILD = str(Path(__file__).parent / "children" / "group_child.py")
 DEADLINE = 0.1  # docs/design.md §7: a killed peer's pending waits resolve within 100 ms
@@ -145,6 +147,109 @@ async def test_second_round_after_the_first() -> None:
                 assert await soon(group.place_and_sync()) == GroupResult(synced=pids(procs, 0, 1))
                 for proc in procs:
                     assert await line(proc) == "synced True"
+
+
+# ---------------------------------------------------------------------------------------
+# A round holds every member (docs/design.md §11)
+# ---------------------------------------------------------------------------------------
+
+
+def registered(barrier: Barrier) -> tuple[int, ...]:
+    """The fds of `barrier` registered with some loop now (white box)."""
+    queue = queue_of(barrier)
+    return tuple(fd for slot in queue.slots() for fd in queue._registered(slot))
+
+
+async def test_a_child_one_round_ahead_is_read_while_the_round_waits_for_another() -> None:
+    """Child 0 syncs and places its next barrier while the group still waits for child
+    1: the round reads it (nobody waits on member 0 any more, but the round holds it),
+    so member 0 keeps its registration and the next round needs no wait for it."""
+    with BarrierGroup(2) as group:
+        async with children(group, "go-sync-twice", "go-sync-twice") as procs:
+            task = await assert_blocks(group.place_and_sync())
+            assert [queue_of(b).held for b in group] == [1, 1]
+            await go(procs[0])
+            assert await line(procs[0]) == "synced True"  # then it places its second
+            await until(lambda: group[0]._barriers == -1)  # read, its waiter long released
+            assert group[0]._waitq.waiting == 0
+            assert group[0]._them in registered(group[0])  # kept for the next round
+            await go(procs[1])
+            assert await soon(task) == GroupResult(synced=pids(procs, 0, 1))
+            assert [queue_of(b).held for b in group] == [0, 0]  # a round holds until its end
+            assert await soon(group.place_and_sync()) == GroupResult(synced=pids(procs, 0, 1))
+            assert [await line(p) for p in procs] == ["synced True", "synced True"]
+            assert await line(procs[1]) == "synced True"
+
+
+async def test_a_round_holding_a_member_never_notices_its_child_exit() -> None:
+    """ "Place a barrier and exit" stays safe under a round's hold: what the child placed
+    is read, its exit is left to a wait of that member (design §10)."""
+    with BarrierGroup(2) as group:
+        async with children(group, "go-sync-place-exit", "go-sync-twice") as procs:
+            task = await assert_blocks(group.place_and_sync())
+            await go(procs[0])
+            assert [await line(procs[0]) for _ in range(2)] == ["synced True", "placed True"]
+            assert await soon(procs[0].wait()) == 0  # its end of the pipe is closed
+            await until(lambda: group[0]._barriers == -1)
+            # The hang-up fired under the hold: nothing more read, its registrations
+            # dropped (a loop calls a reader again and again for a hung-up pipe).
+            await until(lambda: registered(group[0]) == ())
+            assert not group[0].they_aborted
+            await go(procs[1])
+            assert await soon(task) == GroupResult(synced=pids(procs, 0, 1))
+            # Child 0 placed before it exited: the next round needs no wait for it.
+            assert await soon(group.place_and_sync()) == GroupResult(synced=pids(procs, 0, 1))
+            assert [await line(procs[1]) for _ in range(2)] == ["synced True"] * 2
+            # A wait of member 0 itself notices the exit.
+            assert group[0].place()
+            assert await soon(group[0].sync()) is False
+            assert group[0].peer_exited
+
+
+async def test_a_cancelled_round_gives_every_hold_back() -> None:
+    with BarrierGroup(2) as group:
+        async with children(group, "go-sync", "go-sync") as procs:
+            task = await assert_blocks(group.place_and_sync())
+            assert [queue_of(b).held for b in group] == [1, 1]
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert [queue_of(b).held for b in group] == [0, 0]
+            assert [b._waitq.waiting for b in group] == [0, 0]
+            for proc in procs:
+                await go(proc)
+            assert await soon(group.sync()) == GroupResult(synced=pids(procs, 0, 1))
+
+
+async def test_a_round_closed_unfinished_gives_every_hold_back() -> None:
+    """A group sync whose coroutine is closed while it waits (its task dropped, say)
+    leaves no waiter parked and no member held."""
+    with BarrierGroup(2) as group:
+        async with children(group, "go-sync", "go-sync") as procs:
+            coro = group.place_and_sync()
+            coro.send(None)  # suspended in the round's wait
+            assert [queue_of(b).held for b in group] == [1, 1]
+            assert [b._waitq.waiting for b in group] == [1, 1]
+            coro.close()
+            assert [queue_of(b).held for b in group] == [0, 0]
+            assert [b._waitq.waiting for b in group] == [0, 0]
+            for proc in procs:
+                await go(proc)
+            assert await soon(group.sync()) == GroupResult(synced=pids(procs, 0, 1))
+
+
+def test_a_forked_child_holds_nothing() -> None:
+    """A round's hold is its process's own: a forked child starts with none."""
+    with BarrierGroup(1) as group:
+        queue = queue_of(group[0])
+        queue.held = 1  # as a round pending in this process would (white box)
+        try:
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child
+                os._exit(0 if queue.held == 0 else 1)
+            assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+        finally:
+            queue.held = 0
 
 
 # ---------------------------------------------------------------------------------------

@@ -36,6 +36,9 @@ async def act(mode: str, gate: Barrier) -> None:
     elif mode in ("sync-twice", "go-sync-twice"):
         say(f"synced {await gate.place_and_sync()}")
         say(f"synced {await gate.place_and_sync()}")
+    elif mode == "go-sync-place-exit":  # sync, place the next barrier, exit at once
+        say(f"synced {await gate.place_and_sync()}")
+        say(f"placed {gate.place()}")
     elif mode == "go-abort":
         gate.abort()
         say("aborted")
