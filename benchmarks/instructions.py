@@ -2,16 +2,17 @@
 depend on how busy the machine is (the same binary and inputs give the same count).
 
 Usage: python -m benchmarks.instructions [--kinds asyncio,uvloop] [NAME ...]
-(NAME: barrier, completion, group1, group4; default all)
+(NAME: barrier, completion, lock, group1, group4; default all)
 
 For each primitive and loop, aiosync's round trip and the raw floor's run under callgrind
 twice, with 500 and 1,500 round trips, both processes pinned to CPU 0; the difference,
 divided by 1,000, is each process's cost of one round trip without start-up and
-warm-up. ``groupN``: `BarrierGroup.place_and_sync()` with N children against the group
-floor (benchmarks.bench_group, its pidfd watch off: valgrind has no pidfd_open); the
-child figure is the N children's together. Takes about a minute per line. Needs
-valgrind (Debian's package); not part of `make bench`, and nothing is written to
-results.json.
+warm-up. A Lock's round trip is two hand-offs (`bench_lock.LockTurns`); its floor is
+the Completion's raw eventfd ping-pong, as in `bench_lock`. ``groupN``:
+`BarrierGroup.place_and_sync()` with N children against the group floor
+(benchmarks.bench_group, its pidfd watch off: valgrind has no pidfd_open); the child
+figure is the N children's together. Takes about a minute per line. Needs valgrind
+(Debian's package); not part of `make bench`, and nothing is written to results.json.
 """
 
 from __future__ import annotations
@@ -26,13 +27,28 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from . import _common, bench_barrier, bench_completion, bench_group
+from . import _common, bench_barrier, bench_completion, bench_group, bench_lock
 
-CONTENDERS: dict[str, dict[str, Callable[[], _common.Contender]]] = {
-    "barrier": {"aiosync": bench_barrier.AiosyncBarrier, "floor": bench_barrier.RawFloor},
+# name -> contender -> run(kind, rounds): `rounds` round trips in a forked pair
+Run = Callable[[str, int], object]
+
+
+def _round_trips(make: Callable[[], _common.Contender]) -> Run:
+    return lambda kind, rounds: _common.round_trip(make, kind, rounds)
+
+
+CONTENDERS: dict[str, dict[str, Run]] = {
+    "barrier": {
+        "aiosync": _round_trips(bench_barrier.AiosyncBarrier),
+        "floor": _round_trips(bench_barrier.RawFloor),
+    },
     "completion": {
-        "aiosync": bench_completion.AiosyncHandoff,
-        "floor": bench_completion.RawFloor,
+        "aiosync": _round_trips(bench_completion.AiosyncHandoff),
+        "floor": _round_trips(bench_completion.RawFloor),
+    },
+    "lock": {
+        "aiosync": bench_lock.turns,
+        "floor": _round_trips(bench_completion.RawFloor),
     },
 }
 GROUPS = {"group1": 1, "group4": 4}  # name -> N children
@@ -47,7 +63,7 @@ def child_main(name: str, contender: str, kind: str, rounds: int) -> None:
         make = bench_group.CONTENDERS[contender]
         bench_group.run_group(make, GROUPS[name], kind, rounds)
     else:
-        _common.round_trip(CONTENDERS[name][contender], kind, rounds)
+        CONTENDERS[name][contender](kind, rounds)
 
 
 def totals(directory: str) -> list[int]:
