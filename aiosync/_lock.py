@@ -84,7 +84,6 @@ __all__ = ["Lock", "Semaphore"]
 _TAG, _BROKEN, _INCONSISTENT, _HANDED = _robust.BITS
 _PID_MASK = (1 << _robust.PID_BITS) - 1
 _IMAGE_MASK = (1 << _robust.IMAGE_BITS) - 1
-_DEATH = 2  # _robust.drain(): a close (or a lost event) was among the events
 
 _live: weakref.WeakSet[_Robust] = weakref.WeakSet()
 
@@ -97,8 +96,15 @@ def _forget_parent() -> None:
 os.register_at_fork(after_in_child=_forget_parent)
 
 
-class _Robust(Resource):
-    """What Lock and Semaphore share: units in shared memory that outlive their holder."""
+class _Robust(_robust.LockCore, Resource):
+    """What Lock and Semaphore share: units in shared memory that outlive their holder.
+
+    Every event and turn of a hand-off is `_robust.LockCore`'s, in C: the loop's reader
+    (``_on_readable``), a woken waiter's turn (``_turn``), taking (``_try_take``), the
+    line's bookkeeping (``_queue_up``, ``_leave_line``), release's give (``_give``),
+    and waking our own waiters (``_look``, ``_ring_here``). This class keeps the rest:
+    the first use, joining the line, deaths, errors, sharing and closing.
+    """
 
     _kind: ClassVar[str]
     _robust_lock: ClassVar[bool]  # a Lock: takeover is INCONSISTENT, release may break
@@ -135,15 +141,14 @@ class _Robust(Resource):
         _live.add(self)
 
     def _init_process(self) -> None:
-        """This process's own state (none of it is shared; a forked child starts over)."""
-        self._tag = 0  # our tag, from the first use on
-        self._priv = -1  # our private description (its offset: our image id)
-        self._ino = -1  # our inotify fd, from the first wait on
-        self._entry = -1  # our entry in the shared line (-1: none, or the line is full)
-        self._joined = False  # in the line (and its count) while we have waiters
-        self._in_line = 0  # our waiters: tasks and blocked threads
-        self._seen = 0  # events drained by a loop's callback, not yet looked at
-        self._held: list[int] = []  # the units we hold
+        """This process's own state (none of it is shared; a forked child starts over).
+
+        The fields are LockCore's (see its stub for what each one is)."""
+        self._tag = 0
+        self._priv = self._ino = self._entry = -1
+        self._joined = False
+        self._in_line = self._seen = 0
+        self._held = []
 
     def _after_fork(self) -> None:
         # The parent's private description and inotify fd are the parent's: closing our
@@ -173,18 +178,9 @@ class _Robust(Resource):
 
     # -- taking --------------------------------------------------------------------------
 
-    def _try_take(self) -> bool:
-        """Take a unit handed to us or a free one; never waits."""
-        try:
-            got = self._shared.take(self._tag or self._first_use())
-        except ValueError:  # released by a close() in another thread
-            raise self._closed_error() from None
-        if got >= 0:
-            self._held.append(got)
-            return True
-        if got == _robust.IS_BROKEN:
-            raise self._broken()
-        return False
+    # _try_take() -> bool is LockCore's: take a unit handed to us or a free one (our
+    # tag from _first_use() at the first call); never waits. BrokenResourceError or
+    # ClosedResourceError (from _broken() and _closed_error()) if so.
 
     def _first_use(self) -> int:
         with self._waitq.lock:
@@ -216,37 +212,20 @@ class _Robust(Resource):
             raise self._closed_error()
         if not self._in_line and self._try_take():
             return True
-        queue = self._waitq
-        acquired = False
-        with queue.lock:
-            if self._closed:
-                raise self._closed_error()
-            # The first of this process joins the line, then looks (a release either
-            # sees us in the line or happened before this look). Later ones queue
-            # behind the waiters already there, without looking.
-            acquired = self._enter_line()  # on failure it has left the line itself
-            try:
-                acquired = acquired or (self._in_line == 1 and self._try_take())
-            except BaseException:
-                self._leave_line(False)
-                raise
+        # In line (the first of this process joins the shared line, then looks; later
+        # ones queue behind the waiters already there); on failure it has left it.
+        acquired = self._queue_up()
         try:
             if not acquired:
-                await queue.wait_turn(None, self._turn)
+                await self._waitq.wait_turn(None, self._turn)
                 acquired = True
         finally:
-            with queue.lock:
-                self._leave_line(acquired)
+            self._leave_line(acquired)
         return True
 
-    def _turn(self, _: None) -> bool:
-        """A woken waiter's turn (lock held): see what the events mean, take if we can."""
-        if self._closed:
-            raise self._closed_error()
-        # The callback drained the events that woke us (later ones make the fd readable
-        # again, and the callback runs again): no read here.
-        seen, self._seen = self._seen, 0
-        return self._try_take() or (seen & _DEATH != 0 and self._recover())
+    # _turn(ring) -> bool is LockCore's: a woken waiter's turn (lock held). The loop's
+    # reader drained the events that woke it: it takes if it can, and looks into a
+    # death among those events with _recover().
 
     def acquire_nowait(self) -> None:
         """Take it if that needs no wait (a Lock whose holder died is taken over).
@@ -288,18 +267,16 @@ class _Robust(Resource):
             return True
         deadline = None if timeout is None else time.monotonic() + timeout
         queue = self._waitq
-        acquired = False
-        with queue.lock:
-            if self._closed:
-                raise self._closed_error()
-            acquired = self._enter_line()
+        acquired = self._queue_up()
         try:
             while not acquired:
                 with queue.lock:
                     if self._closed:
                         raise self._closed_error()
-                    seen, self._seen = self._seen | _robust.drain(self._ino), 0
-                    if self._try_take() or (seen & _DEATH and self._recover()):
+                    # The events since our last look: what a loop's reader does, then
+                    # what a woken waiter does.
+                    self._look()
+                    if self._turn(None):
                         acquired = True
                         break
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -307,47 +284,33 @@ class _Robust(Resource):
                     raise TimeoutError(f"the {self._kind} acquire timed out")
                 queue.block((self._ino,), remaining)
         finally:
-            with queue.lock:
-                self._leave_line(acquired)
+            self._leave_line(acquired)
             queue.unblock()
         return True
 
-    def _on_readable(self, slot: _waitq.LoopSlot[None, None], fd: int) -> None:
-        # The loop's callback, lock held: something happened (a ring, a close). It takes
-        # nothing: it drains the events (notifications, not resources; a death among
-        # them is kept for the waiter to look into) and wakes the oldest waiter of this
-        # loop only if that waiter would find something (a ring that handed the lock to
-        # another process, our own release's ring included, wakes nobody here).
-        if self._look():
-            self._waitq.ring(slot, None)
-
-    def _look(self) -> bool:
-        """Drain our events; whether a waiter of ours would find something (lock held)."""
-        self._seen |= _robust.drain(self._ino)
-        return self._worth_waking()
-
-    def _worth_waking(self) -> bool:
-        """Whether a waiter of ours would find something now (lock held)."""
-        return self._seen & _DEATH != 0 or self._shared.wants(self._tag)
-
-    def _ring_here(self) -> None:
-        """Wake the next waiter of each loop and every blocked thread of ours (lock
-        held): after a waiter woken for something gave up without looking (cancelled),
-        or after our own release rang and there is something for us."""
-        if self._in_line:
-            queue = self._waitq
-            for slot in queue.slots():
-                queue.ring(slot, None)
-            queue.wake_blockers()
+    # _on_readable(slot, fd) is LockCore's: the loop's reader (lock held). It takes
+    # nothing: it drains the events (notifications, not resources; a death among them
+    # is kept for the waiter to look into) and wakes the oldest waiter of this loop
+    # only if that waiter would find something (a ring that handed the lock to another
+    # process, our own release's ring included, wakes nobody here).
+    #
+    # _look() -> bool (drain our events; would a waiter of ours find something now)
+    # and _ring_here() (wake the next waiter of each loop and every blocked thread of
+    # ours: after a waiter woken for something gave up without looking, or after our
+    # own release rang and there is something for us) are LockCore's too.
 
     # -- the line (lock held) ----------------------------------------------------------
 
-    def _enter_line(self) -> bool:
-        """One more waiter of ours; the first joins the shared line. Returns whether it
-        took a unit (recovering it from a holder that died before we watched)."""
-        self._in_line += 1
-        if self._in_line > 1:
-            return False
+    # _queue_up() -> bool (one more waiter of ours, in line; the first joins the shared
+    # line with _join_line(), then tries to take) and _leave_line(acquired) (one
+    # waiter fewer; the last leaves the shared line, an acquirer whose process still
+    # has waiters goes to the back of it, a waiter that gives up passes on what it was
+    # woken for) are LockCore's; each takes the lock itself.
+
+    def _join_line(self) -> bool:
+        """The first waiter of ours joins the shared line (lock held, already counted
+        in ``_in_line``). Returns whether it took a unit (recovering it from a holder
+        that died before we watched); on failure it has left the line."""
         try:
             me = self._me()
             new_watch = self._ino < 0
@@ -361,20 +324,6 @@ class _Robust(Resource):
         except BaseException:
             self._leave_line(False)
             raise
-
-    def _leave_line(self, acquired: bool) -> None:
-        self._in_line -= 1
-        if self._closed:
-            return
-        if self._in_line == 0:
-            if self._joined:
-                entry, self._entry, self._joined = self._entry, -1, False
-                self._shared.leave(entry, self._tag, self._priv, True)
-        elif acquired:
-            if self._entry >= 0:
-                self._shared.renew(self._entry, self._tag)  # others of ours wait: to the back
-        elif self._worth_waking():
-            self._ring_here()
 
     # -- deaths (lock held) -------------------------------------------------------------
 
@@ -449,16 +398,11 @@ class _Robust(Resource):
         except IndexError:
             error, message = self._not_held
             raise error(message) from None
+        # Handed to the process that waited longest, or freed; our own ring is read
+        # at once (LockCore's _give).
+        if self._give(unit):
+            return
         try:
-            given = self._shared.give(unit, self._tag, self._priv)
-            if given == _robust.RANG and self._ino >= 0:
-                # Our own ring reached our inotify fd too: read it now, rather than have
-                # our loop wake up for it (it handed the lock to someone else).
-                with self._waitq.lock:
-                    if not self._closed and self._look():
-                        self._ring_here()
-            if given:
-                return
             if self._robust_lock and self._shared.break_(unit, self._tag, self._priv):
                 return  # released inconsistent: unrecoverable from now on
         except ValueError:  # closed by another thread meanwhile

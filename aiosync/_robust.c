@@ -44,12 +44,22 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/inotify.h>
 #include <unistd.h>
+
+#if PY_VERSION_HEX < 0x030C0000
+/* Before 3.12 the member types have no Py_ prefix (structmember.h). */
+#include <structmember.h>
+#define Py_T_BOOL T_BOOL
+#define Py_T_INT T_INT
+#define Py_T_PYSSIZET T_PYSSIZET
+#define Py_T_ULONGLONG T_ULONGLONG
+#endif
 
 #if PY_VERSION_HEX < 0x030D0000
 #define Py_BEGIN_CRITICAL_SECTION(op) {
@@ -82,9 +92,10 @@ typedef _Atomic uint64_t atomic_u64;
 #define GIVEN 1
 #define RANG 2 /* given, and the waiting processes were rung */
 
-/* take() results besides a unit index */
+/* shared_take() results besides a unit index */
 #define NONE_FREE (-1)
 #define IS_BROKEN (-2)
+#define CLOSED (-3) /* any shared_*(): the Shared was released (closed by another thread) */
 
 typedef struct {
     atomic_u64 magic;
@@ -117,7 +128,37 @@ typedef struct {
 
 typedef struct {
     PyTypeObject *shared_type;
+    PyTypeObject *lock_core_type;
+    /* interned names: the Python side's methods LockCore calls, the wait queue's */
+    PyObject *s_first_use;
+    PyObject *s_closed_error;
+    PyObject *s_broken;
+    PyObject *s_recover;
+    PyObject *s_join_line;
+    PyObject *s_lock;
+    PyObject *s_acquire;
+    PyObject *s_release;
+    PyObject *s_ring;
+    PyObject *s_slots;
+    PyObject *s_wake_blockers;
+    PyObject *s_blockers;
 } robust_state;
+
+#define STATE_FIELDS(X) \
+    X(shared_type)      \
+    X(lock_core_type)   \
+    X(s_first_use)      \
+    X(s_closed_error)   \
+    X(s_broken)         \
+    X(s_recover)        \
+    X(s_join_line)      \
+    X(s_lock)           \
+    X(s_acquire)        \
+    X(s_release)        \
+    X(s_ring)           \
+    X(s_slots)          \
+    X(s_wake_blockers)  \
+    X(s_blockers)
 
 #define FUNC(f) ((void *)(uintptr_t)(f))
 
@@ -351,17 +392,11 @@ Shared_hint(PyObject *op, PyObject *arg)
     return PyLong_FromLong(fd);
 }
 
-/* take(tag) -> the index of the unit this process now holds: one handed to it, else a
- * free one; NONE_FREE; or IS_BROKEN (a Lock made unrecoverable). */
-static PyObject *
-Shared_take(PyObject *op, PyObject *arg)
+/* The index of the unit this process (`me`) now holds: one handed to it, else a free
+ * one; NONE_FREE; IS_BROKEN (a Lock made unrecoverable); or CLOSED. */
+static Py_ssize_t
+shared_take(Shared *self, uint64_t me)
 {
-    Shared *self = (Shared *)op;
-    int bad;
-    uint64_t me = tag_arg(arg, &bad);
-    if (bad) {
-        return NULL;
-    }
     Py_ssize_t got = NONE_FREE;
     int failed = 0;
     ENTER(self)
@@ -388,10 +423,7 @@ Shared_take(PyObject *op, PyObject *arg)
         }
     }
     LEAVE();
-    if (failed) {
-        return closed_error();
-    }
-    return PyLong_FromSsize_t(got);
+    return failed ? CLOSED : got;
 }
 
 static int
@@ -413,50 +445,28 @@ unit_arg(Shared *self, PyObject *args, Py_ssize_t *i, uint64_t *tag, int *fd)
     return 0;
 }
 
-/* give(i, tag, ring_fd) -> GIVEN or RANG if unit i was ours (and is now handed on or
- * free; RANG: and the waiting processes were rung), 0 if it was not ours. Rings the waiting processes when needed. A Lock held
- * INCONSISTENT is not given this way: see break_(). (Every release: fast-call.) */
-static PyObject *
-Shared_give(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
+/* Release unit i, held by `me`: hand it on or free it, and ring the waiting processes
+ * through `fd` when needed. GIVEN or RANG (given, and rung) if it was ours, 0 if not,
+ * CLOSED. A Lock held INCONSISTENT is not given this way: see break_(). */
+static int
+shared_give(Shared *self, Py_ssize_t i, uint64_t me, int fd)
 {
-    Shared *self = (Shared *)op;
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "give() takes (unit, tag, ring_fd)");
-        return NULL;
-    }
-    Py_ssize_t i = PyLong_AsSsize_t(args[0]);
-    if (i == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
-    int bad;
-    uint64_t me = tag_arg(args[1], &bad);
-    if (bad) {
-        return NULL;
-    }
-    long fd = PyLong_AsLong(args[2]);
-    if (fd == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
-    if (i < 0 || i >= self->n) {
-        PyErr_SetString(PyExc_IndexError, "no such unit");
-        return NULL;
-    }
     int ours = 0, must_ring = 0, failed = 0;
     ENTER(self)
     {
-        if (load(&self->unit[i]) == me) {
+        if (i >= 0 && i < self->n && load(&self->unit[i]) == me) {
             ours = 1;
             must_ring = give(self, i, me, me);
         }
     }
     LEAVE();
     if (failed) {
-        return closed_error();
+        return CLOSED;
     }
     if (must_ring) {
-        ring((int)fd);
+        ring(fd);
     }
-    return PyLong_FromLong(ours ? (must_ring ? RANG : GIVEN) : 0);
+    return ours ? (must_ring ? RANG : GIVEN) : 0;
 }
 
 /* break_(i, tag, ring_fd) -> True: unit i, held INCONSISTENT by tag, becomes BROKEN
@@ -695,48 +705,62 @@ Shared_join(PyObject *op, PyObject *arg)
     return PyLong_FromLong(got);
 }
 
-/* renew(entry, tag): to the back of the line (this process was served, others of it
- * still wait). */
-static PyObject *
-Shared_renew(PyObject *op, PyObject *args)
+/* To the back of the line (process `me` was served, others of it still wait): 0, or
+ * CLOSED. The entry gets a fresh ticket if it is still ours. */
+static int
+shared_renew(Shared *self, int entry, uint64_t me)
 {
-    Shared *self = (Shared *)op;
-    int entry;
-    PyObject *tag_obj;
-    if (!PyArg_ParseTuple(args, "iO", &entry, &tag_obj)) {
-        return NULL;
-    }
-    int bad;
-    uint64_t me = tag_arg(tag_obj, &bad);
-    if (bad) {
-        return NULL;
-    }
-    if (entry < 0 || entry >= LINE) {
-        PyErr_SetString(PyExc_IndexError, "no such line entry");
-        return NULL;
-    }
     int failed = 0;
     ENTER(self)
     {
-        if (load(&self->line[entry].tag) == me) {
+        if (entry >= 0 && entry < LINE && load(&self->line[entry].tag) == me) {
             atomic_store(&self->line[entry].ticket,
                          atomic_fetch_add(&self->head->tickets, 1) + 1);
         }
     }
     LEAVE();
-    if (failed) {
-        return closed_error();
-    }
-    Py_RETURN_NONE;
+    return failed ? CLOSED : 0;
 }
 
-/* leave(entry, tag, ring_fd, counted): out of the line (and out of the count, if join()
- * counted us); a unit handed to this process meanwhile is passed on (nobody here waits
- * for it any more). */
+/* Process `me` leaves the line (entry -1: it has none) and, if `counted`, the count; a
+ * unit handed to it meanwhile is passed on (nobody of it waits any more), ringing
+ * through `fd` if needed. 0, or CLOSED. */
+static int
+shared_leave(Shared *self, int entry, uint64_t me, int fd, int counted)
+{
+    int must_ring = 0, failed = 0;
+    ENTER(self)
+    {
+        /* Dekker pair 2, the leaver's side: the stores that take us out of the line ... */
+        if (entry >= 0 && entry < LINE && load(&self->line[entry].tag) == me) {
+            atomic_store(&self->line[entry].ticket, 0);
+            atomic_store(&self->line[entry].tag, 0);
+        }
+        if (counted) {
+            atomic_fetch_sub(&self->head->inline_, 1); /* uncounted after it left */
+        }
+        /* ... then the look at the units for a hand-off to us (a releaser hands, then
+         * looks at the line in give(): one of us sees the other). */
+        for (Py_ssize_t i = 0; i < self->n; i++) {
+            if (load(&self->unit[i]) == (me | HANDED)) {
+                must_ring |= give(self, i, me, me | HANDED);
+            }
+        }
+    }
+    LEAVE();
+    if (failed) {
+        return CLOSED;
+    }
+    if (must_ring) {
+        ring(fd);
+    }
+    return 0;
+}
+
+/* leave(entry, tag, ring_fd, counted): shared_leave() for close(). */
 static PyObject *
 Shared_leave(PyObject *op, PyObject *args)
 {
-    Shared *self = (Shared *)op;
     int entry, fd, counted;
     PyObject *tag_obj;
     if (!PyArg_ParseTuple(args, "iOip", &entry, &tag_obj, &fd, &counted)) {
@@ -751,44 +775,17 @@ Shared_leave(PyObject *op, PyObject *args)
         PyErr_SetString(PyExc_IndexError, "no such line entry");
         return NULL;
     }
-    int must_ring = 0, failed = 0;
-    ENTER(self)
-    {
-        if (entry >= 0 && load(&self->line[entry].tag) == me) {
-            atomic_store(&self->line[entry].ticket, 0);
-            atomic_store(&self->line[entry].tag, 0);
-        }
-        if (counted) {
-            atomic_fetch_sub(&self->head->inline_, 1); /* uncounted after it left */
-        }
-        /* Left, then look (a releaser hands, then looks: one of us sees the other). */
-        for (Py_ssize_t i = 0; i < self->n; i++) {
-            if (load(&self->unit[i]) == (me | HANDED)) {
-                must_ring |= give(self, i, me, me | HANDED);
-            }
-        }
-    }
-    LEAVE();
-    if (failed) {
+    if (shared_leave((Shared *)op, entry, me, fd, counted) == CLOSED) {
         return closed_error();
-    }
-    if (must_ring) {
-        ring(fd);
     }
     Py_RETURN_NONE;
 }
 
-/* wants(tag) -> whether a waiter of process `tag` would find something now: a unit
- * handed to it, a free unit, or a broken Lock (to raise). */
-static PyObject *
-Shared_wants(PyObject *op, PyObject *arg)
+/* Whether a waiter of process `me` would find something now: a unit handed to it, a
+ * free unit, or a broken Lock (to raise). 1, 0, or CLOSED. */
+static int
+shared_wants(Shared *self, uint64_t me)
 {
-    Shared *self = (Shared *)op;
-    int bad;
-    uint64_t me = tag_arg(arg, &bad);
-    if (bad) {
-        return NULL;
-    }
     int found = 0, failed = 0;
     ENTER(self)
     {
@@ -798,10 +795,7 @@ Shared_wants(PyObject *op, PyObject *arg)
         }
     }
     LEAVE();
-    if (failed) {
-        return closed_error();
-    }
-    return PyBool_FromLong(found);
+    return failed ? CLOSED : found;
 }
 
 /* line() -> ((entry, tag), ...) of every process in the line now. */
@@ -905,8 +899,6 @@ Shared_dealloc(PyObject *op)
 static PyMethodDef Shared_methods[] = {
     {"image", Shared_image, METH_VARARGS, NULL},
     {"hint", Shared_hint, METH_O, NULL},
-    {"take", Shared_take, METH_O, NULL},
-    {"give", (PyCFunction)(void (*)(void))Shared_give, METH_FASTCALL, NULL},
     {"break_", Shared_break, METH_VARARGS, NULL},
     {"take_over", Shared_take_over, METH_VARARGS, NULL},
     {"free_dead", Shared_free_dead, METH_VARARGS, NULL},
@@ -915,10 +907,8 @@ static PyMethodDef Shared_methods[] = {
     {"word", Shared_word, METH_O, NULL},
     {"free_units", Shared_free_units, METH_NOARGS, NULL},
     {"join", Shared_join, METH_O, NULL},
-    {"renew", Shared_renew, METH_VARARGS, NULL},
     {"leave", Shared_leave, METH_VARARGS, NULL},
     {"line", Shared_line, METH_NOARGS, NULL},
-    {"wants", Shared_wants, METH_O, NULL},
     {"drop", Shared_drop, METH_VARARGS, NULL},
     {"_release", Shared_release, METH_NOARGS, NULL},
     {NULL, NULL, 0, NULL},
@@ -966,15 +956,18 @@ robust_watch(PyObject *Py_UNUSED(module), PyObject *arg)
     return PyLong_FromLong(ino);
 }
 
-/* drain(inotify_fd) -> 0: nothing; 1: only reads (rings); 3: a close or a lost event
+/* What drain() saw: SEEN (events), and DEATH besides if a close or a lost event was
  * among them (someone may have died: look). */
-static PyObject *
-robust_drain(PyObject *Py_UNUSED(module), PyObject *arg)
+#define SEEN 1
+#define DEATH 2
+
+/* Read the pending events off the inotify fd `fd` (non-blocking): 0 (none), SEEN or
+ * SEEN | DEATH; -1 with OSError set. One read takes them all unless the buffer could
+ * have been too small (then it reads again); an event that comes after that read
+ * leaves the fd readable, for the loop's reader or the next look. */
+static long
+drain(int fd)
 {
-    int fd;
-    if (!PyArg_Parse(arg, "i", &fd)) {
-        return NULL;
-    }
     long seen = 0;
     char buf[4096] __attribute__((aligned(__alignof__(struct inotify_event))));
     for (;;) {
@@ -986,23 +979,648 @@ robust_drain(PyObject *Py_UNUSED(module), PyObject *arg)
             if (errno == EAGAIN) {
                 break;
             }
-            return PyErr_SetFromErrno(PyExc_OSError);
+            PyErr_SetFromErrno(PyExc_OSError);
+            return -1;
         }
         for (char *p = buf; p < buf + n;) {
             struct inotify_event *ev = (struct inotify_event *)p;
-            seen |= 1;
+            seen |= SEEN;
             if (ev->mask & (IN_CLOSE_WRITE | IN_CLOSE_NOWRITE | IN_Q_OVERFLOW | IN_IGNORED)) {
-                seen |= 3;
+                seen |= DEATH;
             }
             p += sizeof(struct inotify_event) + ev->len;
         }
+        if ((size_t)n + sizeof(struct inotify_event) + NAME_MAX + 1 <= sizeof buf) {
+            break; /* room was left: that was all */
+        }
     }
-    return PyLong_FromLong(seen);
+    return seen;
 }
+
+/* ------------------------------------------------------------------------------
+ * LockCore: this process's side of a Lock or Semaphore, on every event and turn
+ *
+ * The base class of _lock._Robust. What runs on every hand-off is here, so that it
+ * makes no Python call: the loop's reader (_on_readable: drain, is it worth waking a
+ * waiter, ring), a woken waiter's turn (_turn: take, or the rare death path, which
+ * calls the Python _recover), the line's bookkeeping (_queue_up, _leave_line) and
+ * release's give with the drain of its own ring (_give). The rules are _lock.py's
+ * (its theory of operation); each is written once, here or there.
+ *
+ * Fields: this process's state (none of it shared; _lock._Robust._init_process sets
+ * it), changed only with the wait queue's lock held, except `held` (a list: each
+ * append or pop is one operation) and the fast path's reads of `in_line`, `closed`
+ * and `tag`, which a slow path re-checks under the lock, as the Python code did.
+ * The wait queue (a _waitc.Core) is reached through its Python attributes and
+ * methods (its lock, ring, _slots): calls into C, no Python frame.
+ * ------------------------------------------------------------------------------ */
+
+typedef struct {
+    PyObject_HEAD
+    robust_state *st;        /* its module's state (its type, which it holds, holds it) */
+    PyObject *shared;        /* a Shared, or None before _attach */
+    PyObject *waitq;         /* the wait queue, or None before _attach */
+    PyObject *held;          /* list: the units this process holds */
+    unsigned long long tag;  /* our tag, from the first use on (0 before) */
+    Py_ssize_t in_line;      /* our waiters: tasks and blocked threads */
+    int priv;                /* our private description (its offset: our image id) */
+    int ino;                 /* our inotify fd, from the first wait on */
+    int entry;               /* our entry in the shared line (-1: none, or it is full) */
+    int seen;                /* events drained by a loop's reader, not looked at yet */
+    char joined;             /* in the line (and its count) while we have waiters */
+    char closed;
+} LockCore;
+
+static struct PyModuleDef robust_module;
+
+static inline robust_state *
+lock_state(LockCore *self)
+{
+    return self->st;
+}
+
+/* Raise what self.<name>() returns (the Python side words the error); -1. */
+static int
+raise_returned(LockCore *self, PyObject *name)
+{
+    PyObject *exc = PyObject_CallMethodNoArgs((PyObject *)self, name);
+    if (exc != NULL) {
+        PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+        Py_DECREF(exc);
+    }
+    return -1;
+}
+
+/* Our Shared (a new reference), or NULL with the closed error raised. */
+static Shared *
+lock_shared(robust_state *st, LockCore *self)
+{
+    if (Py_IS_TYPE(self->shared, st->shared_type)) {
+        return (Shared *)Py_NewRef(self->shared);
+    }
+    raise_returned(self, st->s_closed_error);
+    return NULL;
+}
+
+/* Take the wait queue's lock: the lock (a new reference, to pass to lock_exit), or NULL
+ * with an error. */
+static PyObject *
+lock_enter(robust_state *st, LockCore *self)
+{
+    PyObject *lock = PyObject_GetAttr(self->waitq, st->s_lock);
+    if (lock == NULL) {
+        return NULL;
+    }
+    PyObject *r = PyObject_CallMethodNoArgs(lock, st->s_acquire);
+    if (r == NULL) {
+        Py_DECREF(lock);
+        return NULL;
+    }
+    Py_DECREF(r);
+    return lock;
+}
+
+/* Release the lock lock_enter took (whether an error is pending or not): `rc`, or -1
+ * if releasing failed. */
+static int
+lock_exit(robust_state *st, PyObject *lock, int rc)
+{
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyObject *r = PyObject_CallMethodNoArgs(lock, st->s_release);
+    Py_DECREF(lock);
+    if (r == NULL) {
+        if (type != NULL) { /* keep the first error; this one says less */
+            PyErr_WriteUnraisable(NULL);
+            PyErr_Restore(type, value, tb);
+        }
+        return -1;
+    }
+    Py_DECREF(r);
+    PyErr_Restore(type, value, tb);
+    return rc;
+}
+
+/* Our tag; the first use opens our private description (the Python _first_use). */
+static int
+lock_tag(robust_state *st, LockCore *self, uint64_t *me)
+{
+    if (self->tag != 0) {
+        *me = self->tag;
+        return 0;
+    }
+    PyObject *r = PyObject_CallMethodNoArgs((PyObject *)self, st->s_first_use);
+    if (r == NULL) {
+        return -1;
+    }
+    *me = PyLong_AsUnsignedLongLong(r);
+    Py_DECREF(r);
+    return *me == (uint64_t)-1 && PyErr_Occurred() ? -1 : 0;
+}
+
+/* Take a unit handed to us or a free one; never waits. 1 took, 0 nothing there, -1
+ * with an error (BrokenResourceError, ClosedResourceError). */
+static int
+try_take(robust_state *st, LockCore *self)
+{
+    uint64_t me;
+    if (lock_tag(st, self, &me) < 0) {
+        return -1;
+    }
+    Shared *shared = lock_shared(st, self);
+    if (shared == NULL) {
+        return -1;
+    }
+    Py_ssize_t got = shared_take(shared, me);
+    Py_DECREF(shared);
+    if (got >= 0) {
+        PyObject *unit = PyLong_FromSsize_t(got);
+        int rc = unit == NULL ? -1 : PyList_Append(self->held, unit);
+        Py_XDECREF(unit);
+        return rc < 0 ? -1 : 1;
+    }
+    if (got == IS_BROKEN) {
+        return raise_returned(self, st->s_broken);
+    }
+    if (got == CLOSED) {
+        return raise_returned(self, st->s_closed_error);
+    }
+    return 0;
+}
+
+/* Whether a waiter of ours would find something now (lock held): 1, 0, -1. */
+static int
+worth_waking(robust_state *st, LockCore *self)
+{
+    if (self->seen & DEATH) {
+        return 1;
+    }
+    Shared *shared = lock_shared(st, self);
+    if (shared == NULL) {
+        return -1;
+    }
+    int found = shared_wants(shared, self->tag);
+    Py_DECREF(shared);
+    return found == CLOSED ? raise_returned(self, st->s_closed_error) : found;
+}
+
+/* Drain our events; whether a waiter of ours would find something (lock held). */
+static int
+look(robust_state *st, LockCore *self)
+{
+    if (self->ino >= 0) {
+        long got = drain(self->ino);
+        if (got < 0) {
+            return -1;
+        }
+        self->seen |= (int)got;
+    }
+    return worth_waking(st, self);
+}
+
+/* Wake the next waiter of each loop and every blocked thread of ours (lock held). */
+static int
+ring_here(robust_state *st, LockCore *self)
+{
+    if (self->in_line == 0) {
+        return 0;
+    }
+    PyObject *slots = PyObject_GetAttr(self->waitq, st->s_slots);
+    if (slots == NULL) {
+        return -1;
+    }
+    PyObject *each = PyDict_Check(slots) ? PyDict_Values(slots) : NULL;
+    Py_DECREF(slots);
+    if (each == NULL) {
+        if (!PyErr_Occurred()) {
+            PyErr_SetString(PyExc_TypeError, "the wait queue's _slots is not a dict");
+        }
+        return -1;
+    }
+    int rc = 0;
+    for (Py_ssize_t i = 0; rc == 0 && i < PyList_GET_SIZE(each); i++) {
+        PyObject *r = PyObject_CallMethodObjArgs(self->waitq, st->s_ring,
+                                                 PyList_GET_ITEM(each, i), Py_None, NULL);
+        rc = r == NULL ? -1 : 0;
+        Py_XDECREF(r);
+    }
+    Py_DECREF(each);
+    if (rc < 0) {
+        return -1;
+    }
+    /* Threads blocked in acquire_blocking(): only if there are any (a Python call). */
+    PyObject *blockers = PyObject_GetAttr(self->waitq, st->s_blockers);
+    if (blockers == NULL) {
+        return -1;
+    }
+    int some = !PyDict_Check(blockers) || PyDict_GET_SIZE(blockers) != 0;
+    Py_DECREF(blockers);
+    if (some) {
+        PyObject *r = PyObject_CallMethodNoArgs(self->waitq, st->s_wake_blockers);
+        rc = r == NULL ? -1 : 0;
+        Py_XDECREF(r);
+    }
+    return rc;
+}
+
+/* One waiter of ours fewer (lock held); the last leaves the shared line. An acquirer
+ * whose process still has waiters goes to the back of the line; a waiter that gives
+ * up without looking passes on what it was woken for. */
+static int
+leave_line(robust_state *st, LockCore *self, int acquired)
+{
+    self->in_line -= 1;
+    if (self->closed) {
+        return 0;
+    }
+    if (self->in_line == 0) {
+        if (!self->joined) {
+            return 0;
+        }
+        int entry = self->entry;
+        self->entry = -1;
+        self->joined = 0;
+        Shared *shared = lock_shared(st, self);
+        if (shared == NULL) {
+            return -1;
+        }
+        int rc = shared_leave(shared, entry, self->tag, self->priv, 1);
+        Py_DECREF(shared);
+        return rc == CLOSED ? raise_returned(self, st->s_closed_error) : 0;
+    }
+    if (acquired) {
+        if (self->entry < 0) {
+            return 0;
+        }
+        Shared *shared = lock_shared(st, self);
+        if (shared == NULL) {
+            return -1;
+        }
+        int rc = shared_renew(shared, self->entry, self->tag);
+        Py_DECREF(shared);
+        return rc == CLOSED ? raise_returned(self, st->s_closed_error) : 0;
+    }
+    int worth = worth_waking(st, self);
+    return worth <= 0 ? worth : ring_here(st, self);
+}
+
+/* leave_line() keeping the error that made us leave (a new one is reported apart). */
+static void
+leave_line_failing(robust_state *st, LockCore *self)
+{
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    if (leave_line(st, self, 0) < 0) {
+        PyErr_WriteUnraisable((PyObject *)self);
+    }
+    PyErr_Restore(type, value, tb);
+}
+
+/* _queue_up() -> bool: one more waiter of ours, in line (see acquire()). Takes the
+ * lock. The first of this process joins the shared line (the Python _join_line), then
+ * tries to take: Dekker pair 1, the waiter's side -- join()'s stores put us in the
+ * line, then shared_take() looks at the units, so a releaser either saw us in the line
+ * (and rings) or released before this look. Later waiters queue behind the ones
+ * already there, without looking. True if it took a unit (then it is still counted in
+ * line: _leave_line(True) follows); on an error it has left the line. */
+static PyObject *
+LockCore_queue_up(PyObject *op, PyObject *Py_UNUSED(ignored))
+{
+    LockCore *self = (LockCore *)op;
+    robust_state *st = lock_state(self);
+    if (st == NULL) {
+        return NULL;
+    }
+    PyObject *lock = lock_enter(st, self);
+    if (lock == NULL) {
+        return NULL;
+    }
+    int took = 0;
+    if (self->closed) {
+        took = raise_returned(self, st->s_closed_error);
+    }
+    else if (++self->in_line == 1) {
+        /* Joins (and, watching for the first time, recovers from deaths before it):
+         * on failure it has left the line itself. */
+        PyObject *r = PyObject_CallMethodNoArgs(op, st->s_join_line);
+        took = r == NULL ? -1 : PyObject_IsTrue(r);
+        Py_XDECREF(r);
+        if (took == 0 && self->in_line == 1) {
+            took = try_take(st, self);
+            if (took < 0) {
+                leave_line_failing(st, self);
+            }
+        }
+    }
+    took = lock_exit(st, lock, took);
+    return took < 0 ? NULL : PyBool_FromLong(took);
+}
+
+/* _leave_line(acquired) -> None: leave_line(), taking the lock. */
+static PyObject *
+LockCore_leave_line(PyObject *op, PyObject *arg)
+{
+    LockCore *self = (LockCore *)op;
+    robust_state *st = lock_state(self);
+    int acquired = PyObject_IsTrue(arg);
+    if (st == NULL || acquired < 0) {
+        return NULL;
+    }
+    PyObject *lock = lock_enter(st, self);
+    if (lock == NULL) {
+        return NULL;
+    }
+    int rc = lock_exit(st, lock, leave_line(st, self, acquired));
+    return rc < 0 ? NULL : Py_NewRef(Py_None);
+}
+
+static PyObject *
+LockCore_try_take(PyObject *op, PyObject *Py_UNUSED(ignored))
+{
+    LockCore *self = (LockCore *)op;
+    robust_state *st = lock_state(self);
+    int took = st == NULL ? -1 : try_take(st, self);
+    return took < 0 ? NULL : PyBool_FromLong(took);
+}
+
+/* _turn(ring) -> bool: a woken waiter's turn (lock held). The loop's reader drained
+ * the events that woke it (later ones make the fd readable again): see what they
+ * meant, take if it can; a death among them sends it to the Python _recover. */
+static PyObject *
+LockCore_turn(PyObject *op, PyObject *Py_UNUSED(ring))
+{
+    LockCore *self = (LockCore *)op;
+    robust_state *st = lock_state(self);
+    if (st == NULL) {
+        return NULL;
+    }
+    if (self->closed) {
+        raise_returned(self, st->s_closed_error);
+        return NULL;
+    }
+    int seen = self->seen;
+    self->seen = 0;
+    int took = try_take(st, self);
+    if (took != 0) {
+        return took < 0 ? NULL : Py_NewRef(Py_True);
+    }
+    if (seen & DEATH) {
+        return PyObject_CallMethodNoArgs(op, st->s_recover);
+    }
+    Py_RETURN_FALSE;
+}
+
+/* _look() -> bool: drain our events; whether a waiter of ours would find something
+ * (lock held). */
+static PyObject *
+LockCore_look(PyObject *op, PyObject *Py_UNUSED(ignored))
+{
+    LockCore *self = (LockCore *)op;
+    robust_state *st = lock_state(self);
+    int worth = st == NULL ? -1 : look(st, self);
+    return worth < 0 ? NULL : PyBool_FromLong(worth);
+}
+
+/* _on_readable(slot, fd): the loop's reader (lock held). It takes nothing: it drains
+ * the events (notifications, not resources; a death among them is kept for the waiter
+ * to look into) and wakes the oldest waiter of this loop only if that waiter would
+ * find something (a ring that handed the lock to another process, our own release's
+ * ring included, wakes nobody here). */
+static PyObject *
+LockCore_on_readable(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "_on_readable(slot, fd) takes 2 arguments");
+        return NULL;
+    }
+    LockCore *self = (LockCore *)op;
+    robust_state *st = lock_state(self);
+    if (st == NULL) {
+        return NULL;
+    }
+    int worth = look(st, self);
+    if (worth <= 0) {
+        return worth < 0 ? NULL : Py_NewRef(Py_None);
+    }
+    return PyObject_CallMethodObjArgs(self->waitq, st->s_ring, args[0], Py_None, NULL);
+}
+
+/* _give(unit) -> int: release's transition (see Shared's give()): GIVEN, RANG or 0
+ * (the unit was not ours). Our own ring reached our inotify fd too: it is read now
+ * (lock taken), rather than have our loop wake up for it, and our waiters are woken
+ * only if there is something for them. */
+static PyObject *
+LockCore_give(PyObject *op, PyObject *arg)
+{
+    LockCore *self = (LockCore *)op;
+    robust_state *st = lock_state(self);
+    Py_ssize_t unit = PyLong_AsSsize_t(arg);
+    if (st == NULL || (unit == -1 && PyErr_Occurred())) {
+        return NULL;
+    }
+    Shared *shared = lock_shared(st, self);
+    if (shared == NULL) {
+        return NULL;
+    }
+    int given = shared_give(shared, unit, self->tag, self->priv);
+    Py_DECREF(shared);
+    if (given == CLOSED) {
+        raise_returned(self, st->s_closed_error);
+        return NULL;
+    }
+    if (given == RANG && self->ino >= 0) {
+        PyObject *lock = lock_enter(st, self);
+        if (lock == NULL) {
+            return NULL;
+        }
+        int rc = 0;
+        if (!self->closed) {
+            rc = look(st, self);
+            if (rc > 0) {
+                rc = ring_here(st, self);
+            }
+        }
+        if (lock_exit(st, lock, rc) < 0) {
+            return NULL;
+        }
+    }
+    return PyLong_FromLong(given);
+}
+
+/* _ring_here(): ring_here() (lock held). */
+static PyObject *
+LockCore_ring_here(PyObject *op, PyObject *Py_UNUSED(ignored))
+{
+    LockCore *self = (LockCore *)op;
+    robust_state *st = lock_state(self);
+    return st == NULL || ring_here(st, self) < 0 ? NULL : Py_NewRef(Py_None);
+}
+
+static int
+LockCore_traverse(PyObject *op, visitproc visit, void *arg)
+{
+    LockCore *self = (LockCore *)op;
+    Py_VISIT(Py_TYPE(op));
+    Py_VISIT(self->shared);
+    Py_VISIT(self->waitq);
+    Py_VISIT(self->held);
+    return 0;
+}
+
+static int
+LockCore_clear(PyObject *op)
+{
+    LockCore *self = (LockCore *)op;
+    Py_CLEAR(self->shared);
+    Py_CLEAR(self->waitq);
+    Py_CLEAR(self->held);
+    return 0;
+}
+
+static void
+LockCore_dealloc(PyObject *op)
+{
+    PyTypeObject *tp = Py_TYPE(op);
+    PyObject_GC_UnTrack(op);
+    (void)LockCore_clear(op);
+    tp->tp_free(op);
+    Py_DECREF(tp);
+}
+
+static PyObject *
+LockCore_new(PyTypeObject *type, PyObject *Py_UNUSED(args), PyObject *Py_UNUSED(kwds))
+{
+    PyObject *module = PyType_GetModuleByDef(type, &robust_module);
+    if (module == NULL) {
+        return NULL;
+    }
+    LockCore *self = (LockCore *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->st = (robust_state *)PyModule_GetState(module);
+    self->held = PyList_New(0);
+    if (self->held == NULL) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    self->shared = Py_NewRef(Py_None);
+    self->waitq = Py_NewRef(Py_None);
+    self->priv = self->ino = self->entry = -1;
+    self->closed = 1; /* until _attach */
+    return (PyObject *)self;
+}
+
+static PyObject *
+LockCore_get_shared(PyObject *op, void *Py_UNUSED(closure))
+{
+    return Py_NewRef(((LockCore *)op)->shared);
+}
+
+static int
+LockCore_set_shared(PyObject *op, PyObject *value, void *Py_UNUSED(closure))
+{
+    robust_state *st = lock_state((LockCore *)op);
+    if (st == NULL) {
+        return -1;
+    }
+    if (value == NULL || !Py_IS_TYPE(value, st->shared_type)) {
+        PyErr_SetString(PyExc_TypeError, "_shared must be a Shared");
+        return -1;
+    }
+    Py_SETREF(((LockCore *)op)->shared, Py_NewRef(value));
+    return 0;
+}
+
+static PyObject *
+LockCore_get_waitq(PyObject *op, void *Py_UNUSED(closure))
+{
+    return Py_NewRef(((LockCore *)op)->waitq);
+}
+
+static int
+LockCore_set_waitq(PyObject *op, PyObject *value, void *Py_UNUSED(closure))
+{
+    if (value == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "cannot delete _waitq");
+        return -1;
+    }
+    Py_SETREF(((LockCore *)op)->waitq, Py_NewRef(value));
+    return 0;
+}
+
+static PyObject *
+LockCore_get_held(PyObject *op, void *Py_UNUSED(closure))
+{
+    return Py_NewRef(((LockCore *)op)->held);
+}
+
+static int
+LockCore_set_held(PyObject *op, PyObject *value, void *Py_UNUSED(closure))
+{
+    if (value == NULL || !PyList_CheckExact(value)) {
+        PyErr_SetString(PyExc_TypeError, "_held must be a list");
+        return -1;
+    }
+    Py_SETREF(((LockCore *)op)->held, Py_NewRef(value));
+    return 0;
+}
+
+static PyGetSetDef LockCore_getset[] = {
+    {"_shared", LockCore_get_shared, LockCore_set_shared, "The shared words (a Shared).", NULL},
+    {"_waitq", LockCore_get_waitq, LockCore_set_waitq, "The wait queue.", NULL},
+    {"_held", LockCore_get_held, LockCore_set_held, "The units this process holds.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMemberDef LockCore_members[] = {
+    {"_tag", Py_T_ULONGLONG, offsetof(LockCore, tag), 0, "Our tag (0 before the first use)."},
+    {"_in_line", Py_T_PYSSIZET, offsetof(LockCore, in_line), 0, "Our waiters."},
+    {"_priv", Py_T_INT, offsetof(LockCore, priv), 0, "Our private description, or -1."},
+    {"_ino", Py_T_INT, offsetof(LockCore, ino), 0, "Our inotify fd, or -1."},
+    {"_entry", Py_T_INT, offsetof(LockCore, entry), 0, "Our line entry, or -1."},
+    {"_seen", Py_T_INT, offsetof(LockCore, seen), 0, "Events drained, not looked at."},
+    {"_joined", Py_T_BOOL, offsetof(LockCore, joined), 0, "In the shared line."},
+    {"_closed", Py_T_BOOL, offsetof(LockCore, closed), 0, "Closed (or not attached yet)."},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyMethodDef LockCore_methods[] = {
+    {"_on_readable", (PyCFunction)(void (*)(void))LockCore_on_readable, METH_FASTCALL, NULL},
+    {"_turn", LockCore_turn, METH_O, NULL},
+    {"_try_take", LockCore_try_take, METH_NOARGS, NULL},
+    {"_queue_up", LockCore_queue_up, METH_NOARGS, NULL},
+    {"_leave_line", LockCore_leave_line, METH_O, NULL},
+    {"_look", LockCore_look, METH_NOARGS, NULL},
+    {"_ring_here", LockCore_ring_here, METH_NOARGS, NULL},
+    {"_give", LockCore_give, METH_O, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyType_Slot LockCore_slots[] = {
+    {Py_tp_new, FUNC(LockCore_new)},
+    {Py_tp_dealloc, FUNC(LockCore_dealloc)},
+    {Py_tp_traverse, FUNC(LockCore_traverse)},
+    {Py_tp_clear, FUNC(LockCore_clear)},
+    {Py_tp_methods, LockCore_methods},
+    {Py_tp_members, LockCore_members},
+    {Py_tp_getset, LockCore_getset},
+    {Py_tp_doc, (void *)"This process's side of a Lock or Semaphore (see aiosync/_lock.py)."},
+    {0, NULL},
+};
+
+static PyType_Spec LockCore_spec = {
+    .name = "aiosync._robust.LockCore",
+    .basicsize = sizeof(LockCore),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_BASETYPE |
+             Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = LockCore_slots,
+};
+
+/* ------------------------------------------------------------------------------ */
 
 static PyMethodDef robust_functions[] = {
     {"watch", robust_watch, METH_O, NULL},
-    {"drain", robust_drain, METH_O, NULL},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1023,6 +1641,25 @@ robust_exec(PyObject *module)
     robust_state *state = get_state(module);
     state->shared_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &Shared_spec, NULL);
     if (state->shared_type == NULL || PyModule_AddType(module, state->shared_type) < 0) {
+        return -1;
+    }
+    state->lock_core_type =
+        (PyTypeObject *)PyType_FromModuleAndSpec(module, &LockCore_spec, NULL);
+    if (state->lock_core_type == NULL || PyModule_AddType(module, state->lock_core_type) < 0) {
+        return -1;
+    }
+    if ((state->s_first_use = PyUnicode_InternFromString("_first_use")) == NULL ||
+        (state->s_closed_error = PyUnicode_InternFromString("_closed_error")) == NULL ||
+        (state->s_broken = PyUnicode_InternFromString("_broken")) == NULL ||
+        (state->s_recover = PyUnicode_InternFromString("_recover")) == NULL ||
+        (state->s_join_line = PyUnicode_InternFromString("_join_line")) == NULL ||
+        (state->s_lock = PyUnicode_InternFromString("lock")) == NULL ||
+        (state->s_acquire = PyUnicode_InternFromString("acquire")) == NULL ||
+        (state->s_release = PyUnicode_InternFromString("release")) == NULL ||
+        (state->s_ring = PyUnicode_InternFromString("ring")) == NULL ||
+        (state->s_slots = PyUnicode_InternFromString("_slots")) == NULL ||
+        (state->s_wake_blockers = PyUnicode_InternFromString("wake_blockers")) == NULL ||
+        (state->s_blockers = PyUnicode_InternFromString("blockers")) == NULL) {
         return -1;
     }
     if (PyModule_AddIntConstant(module, "HEADER", OFF_UNITS) < 0 ||
@@ -1050,14 +1687,20 @@ robust_exec(PyObject *module)
 static int
 robust_traverse(PyObject *module, visitproc visit, void *arg)
 {
-    Py_VISIT(get_state(module)->shared_type);
+    robust_state *state = get_state(module);
+#define VISIT(f) Py_VISIT(state->f);
+    STATE_FIELDS(VISIT)
+#undef VISIT
     return 0;
 }
 
 static int
 robust_clear(PyObject *module)
 {
-    Py_CLEAR(get_state(module)->shared_type);
+    robust_state *state = get_state(module);
+#define CLEAR(f) Py_CLEAR(state->f);
+    STATE_FIELDS(CLEAR)
+#undef CLEAR
     return 0;
 }
 
