@@ -57,12 +57,22 @@ line *then* looks at the units, so a hand-off to a process already dead is eithe
 back by its releaser or freed by the recoverer (a process's death is one event: whoever
 handles it must not miss a hand-off made just after).
 
+Where each side of a pair is in ``_robust.c``: the releaser's store is the CAS in
+``give()`` and its look the line scan after it (all three pairs); pair 1's waiter
+stores in ``Shared_join()`` and looks in ``LockCore``'s ``_queue_up()``; pair 2's
+leaver stores and looks in ``shared_leave()``; pair 3's recoverer stores in
+``Shared_drop()`` and looks in `_Robust._recover` (below).
+
 *In this process*, waiters follow the wait core's turns: a ring wakes the oldest
-waiter of each loop (FIFO); the woken task drains the inotify fd and tries to take a
-unit with the queue's lock held, with no suspension point before it returns (so a
-cancelled waiter never holds the lock); if it finds nothing it waits again, first in
-line. Whoever in this process drains an event handles all it means (a hand-off to
-us, a free unit, a death), so no other waiter of this process needs to see it.
+waiter of each loop (FIFO); the loop's reader drains the inotify fd, and the woken
+task tries to take a unit with the queue's lock held, with no suspension point before
+it returns (so a cancelled waiter never holds the lock); if it finds nothing it waits
+again, first in line. Whoever in this process drains an event handles all it means (a
+hand-off to us, a free unit, a death), so no other waiter of this process needs to
+see it. What runs on every hand-off -- the reader, the turn, the line's bookkeeping,
+release's give and the drain of its own ring -- is ``_robust.LockCore``, in C, the
+base class of `_Robust`; a death among the events sends the turn to the Python
+`_Robust._recover`.
 """
 
 from __future__ import annotations
@@ -155,6 +165,10 @@ class _Robust(_robust.LockCore, Resource):
         # copies is what lets the parent's death be seen. Nothing held is ours.
         priv, ino = self._priv, self._ino
         self._init_process()
+        # The wait queue forgot its parent's lock before this runs (its at-fork handler
+        # was registered first, when this module imported it; they run in that order):
+        # LockCore takes note of the new one.
+        self._waitq = self._waitq
         _fd.close(priv)
         _fd.close(ino)
 

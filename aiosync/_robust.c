@@ -3,10 +3,15 @@
  *
  * Every load, store and compare-and-swap of a Lock's or Semaphore's shared memory
  * happens here, with C11 <stdatomic.h>, sequentially consistent (the protocol below
- * relies on store-then-load ordering between processes, Dekker style, in two places).
- * The rules -- who may change which word from what to what -- are argued in the theory
- * of operation of aiosync/_lock.py; this file states the layout and keeps each
- * transition one atomic instruction.
+ * relies on store-then-load ordering between processes, Dekker style, in three places:
+ * see give()). The rules -- who may change which word from what to what -- are argued
+ * in the theory of operation of aiosync/_lock.py; this file states the layout and
+ * keeps each transition one atomic instruction.
+ *
+ * Two types: Shared, the shared words and their transitions; and LockCore (at the end),
+ * the base class of a Lock or Semaphore: what one process does on every hand-off (the
+ * loop's reader, a woken waiter's turn, the line's bookkeeping, release's give), in C
+ * next to the atomics it calls, so that a hand-off makes no Python call for it.
  *
  * Layout (a memfd mapped shared by every process holding the object; 8-byte words):
  *
@@ -32,11 +37,14 @@
  *     bit  62     INCONSISTENT: held by a taker-over of a dead holder (Lock)
  *     bit  63     HANDED: handed to that process by a release, not accepted yet
  *
- * Interpreters: multi-phase initialisation, one heap type kept in the module state, no
- * mutable statics (subinterpreters with their own GIL). Free-threaded builds: an
- * object's own fields (the buffer it holds) change only in its constructor and in
- * _release(), and every method uses them inside the object's critical section; the
- * shared memory needs no lock beyond its atomics. Hence Py_mod_gil = Py_MOD_GIL_NOT_USED.
+ * Interpreters: multi-phase initialisation, heap types and interned names kept in the
+ * module state, no mutable statics (subinterpreters with their own GIL). Free-threaded
+ * builds: a Shared's own fields (the buffer it holds) change only in its constructor
+ * and in _release(), and every method uses them inside the object's critical section;
+ * the shared memory needs no lock beyond its atomics. A LockCore's fields change only
+ * with its wait queue's lock held (a real lock, _waitc's RLock), but for its list of
+ * held units (each append or pop is one list operation) and the fields the Python side
+ * sets before the object is shared. Hence Py_mod_gil = Py_MOD_GIL_NOT_USED.
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -46,6 +54,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <stdatomic.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
@@ -232,7 +241,13 @@ anyone_in_line(Shared *self)
 
 /* Let go of unit `i`, which holds `word` (our tag, or our tag | HANDED when we pass a
  * hand-off on): hand it to the process that has waited longest, or free it. Returns
- * whether the waiting processes must be rung. Critical section held. */
+ * whether the waiting processes must be rung. Critical section held.
+ *
+ * The releaser's side of all three Dekker pairs of _lock.py: the CAS that changes the
+ * unit is the store; the looks at the line after it (anyone_in_line() for pair 1,
+ * in_line() for pairs 2 and 3) are the loads. The other sides: pair 1, Shared_join()'s
+ * stores then LockCore's _queue_up() take; pair 2, shared_leave(); pair 3, the
+ * recoverer's Shared_drop() CAS then its look at the units (_lock.py's _recover). */
 static int
 give(Shared *self, Py_ssize_t i, uint64_t me, uint64_t word)
 {
@@ -685,6 +700,8 @@ Shared_join(PyObject *op, PyObject *arg)
     int failed = 0;
     ENTER(self)
     {
+        /* Dekker pair 1, the waiter's side: these stores put us in the line; the
+         * caller looks at the units after them (LockCore's _queue_up()). */
         atomic_fetch_add(&self->head->inline_, 1); /* counted before it is there */
         for (int i = 0; i < LINE && got < 0; i++) {
             if (cas(&self->line[i].tag, 0, me)) {
@@ -852,6 +869,8 @@ Shared_drop(PyObject *op, PyObject *args)
     int done = 0, failed = 0;
     ENTER(self)
     {
+        /* Dekker pair 3, the recoverer's side: this store drops the dead process; the
+         * recoverer looks at the units after it (_lock.py's _recover). */
         done = cas(&self->line[entry].tag, tag, 0);
     }
     LEAVE();
@@ -1020,6 +1039,8 @@ typedef struct {
     robust_state *st;        /* its module's state (its type, which it holds, holds it) */
     PyObject *shared;        /* a Shared, or None before _attach */
     PyObject *waitq;         /* the wait queue, or None before _attach */
+    PyObject *lock_acquire;  /* its lock's acquire and release (bound), or NULL */
+    PyObject *lock_release;
     PyObject *held;          /* list: the units this process holds */
     unsigned long long tag;  /* our tag, from the first use on (0 before) */
     Py_ssize_t in_line;      /* our waiters: tasks and blocked threads */
@@ -1062,33 +1083,34 @@ lock_shared(robust_state *st, LockCore *self)
     return NULL;
 }
 
-/* Take the wait queue's lock: the lock (a new reference, to pass to lock_exit), or NULL
- * with an error. */
+/* Take the wait queue's lock: its release method (a new reference, to pass to
+ * lock_exit), or NULL with an error. */
 static PyObject *
 lock_enter(robust_state *st, LockCore *self)
 {
-    PyObject *lock = PyObject_GetAttr(self->waitq, st->s_lock);
-    if (lock == NULL) {
+    if (self->lock_acquire == NULL || self->lock_release == NULL) {
+        raise_returned(self, st->s_closed_error); /* not attached */
         return NULL;
     }
-    PyObject *r = PyObject_CallMethodNoArgs(lock, st->s_acquire);
+    PyObject *release = Py_NewRef(self->lock_release);
+    PyObject *r = PyObject_CallNoArgs(self->lock_acquire);
     if (r == NULL) {
-        Py_DECREF(lock);
+        Py_DECREF(release);
         return NULL;
     }
     Py_DECREF(r);
-    return lock;
+    return release;
 }
 
 /* Release the lock lock_enter took (whether an error is pending or not): `rc`, or -1
  * if releasing failed. */
 static int
-lock_exit(robust_state *st, PyObject *lock, int rc)
+lock_exit(robust_state *Py_UNUSED(st), PyObject *release, int rc)
 {
     PyObject *type, *value, *tb;
     PyErr_Fetch(&type, &value, &tb);
-    PyObject *r = PyObject_CallMethodNoArgs(lock, st->s_release);
-    Py_DECREF(lock);
+    PyObject *r = PyObject_CallNoArgs(release);
+    Py_DECREF(release);
     if (r == NULL) {
         if (type != NULL) { /* keep the first error; this one says less */
             PyErr_WriteUnraisable(NULL);
@@ -1463,6 +1485,8 @@ LockCore_traverse(PyObject *op, visitproc visit, void *arg)
     Py_VISIT(Py_TYPE(op));
     Py_VISIT(self->shared);
     Py_VISIT(self->waitq);
+    Py_VISIT(self->lock_acquire);
+    Py_VISIT(self->lock_release);
     Py_VISIT(self->held);
     return 0;
 }
@@ -1473,6 +1497,8 @@ LockCore_clear(PyObject *op)
     LockCore *self = (LockCore *)op;
     Py_CLEAR(self->shared);
     Py_CLEAR(self->waitq);
+    Py_CLEAR(self->lock_acquire);
+    Py_CLEAR(self->lock_release);
     Py_CLEAR(self->held);
     return 0;
 }
@@ -1538,14 +1564,31 @@ LockCore_get_waitq(PyObject *op, void *Py_UNUSED(closure))
     return Py_NewRef(((LockCore *)op)->waitq);
 }
 
+/* Setting the wait queue takes note of its lock's methods (set it again when the queue
+ * gets a new lock: in a forked child). */
 static int
 LockCore_set_waitq(PyObject *op, PyObject *value, void *Py_UNUSED(closure))
 {
+    LockCore *self = (LockCore *)op;
+    robust_state *st = lock_state(self);
     if (value == NULL) {
         PyErr_SetString(PyExc_AttributeError, "cannot delete _waitq");
         return -1;
     }
-    Py_SETREF(((LockCore *)op)->waitq, Py_NewRef(value));
+    PyObject *lock = PyObject_GetAttr(value, st->s_lock);
+    if (lock == NULL) {
+        return -1;
+    }
+    PyObject *acquire = PyObject_GetAttr(lock, st->s_acquire);
+    PyObject *release = acquire == NULL ? NULL : PyObject_GetAttr(lock, st->s_release);
+    Py_DECREF(lock);
+    if (release == NULL) {
+        Py_XDECREF(acquire);
+        return -1;
+    }
+    Py_SETREF(self->waitq, Py_NewRef(value));
+    Py_XSETREF(self->lock_acquire, acquire);
+    Py_XSETREF(self->lock_release, release);
     return 0;
 }
 

@@ -311,6 +311,36 @@ def test_a_forked_child_holds_no_unit_of_its_parent() -> None:
         assert sem.value == 2
 
 
+def test_a_forked_childs_waits_take_its_own_wait_queue_lock() -> None:
+    """The fork happens while this process is inside the lock's wait-queue lock (as a
+    thread in acquire() or release() may be): the child waits under its own lock, not
+    under the parent's copy, which nobody in the child holds any more."""
+    with closing(Lock()) as lock, Children() as children:
+        lock.acquire_nowait()  # so that the child's acquire waits (its slow path)
+
+        def child() -> str:
+            outcome: list[str] = []
+
+            def acquire() -> None:
+                # Another thread than the one that forked: the parent's copy of the
+                # queue's lock names the forking thread as its holder.
+                try:
+                    lock.acquire_blocking(timeout=0.05)
+                except TimeoutError:
+                    outcome.append("timed out")
+
+            thread = threading.Thread(target=acquire)
+            thread.start()
+            thread.join(SOON)
+            assert not thread.is_alive(), "the child waited for the parent's queue lock"
+            return outcome[0]
+
+        with lock._waitq.lock:
+            pid = children.fork(child)
+        assert children.collect(pid) == "timed out"
+        lock.release()
+
+
 def test_owner_pid_and_non_holder_release_across_processes(kind: str) -> None:
     with (
         closing(Lock()) as lock,
