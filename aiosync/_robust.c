@@ -1054,6 +1054,7 @@ typedef struct {
 
 static struct PyModuleDef robust_module;
 
+/* Its module's state (noted at construction: never NULL). */
 static inline robust_state *
 lock_state(LockCore *self)
 {
@@ -1310,9 +1311,6 @@ LockCore_queue_up(PyObject *op, PyObject *Py_UNUSED(ignored))
 {
     LockCore *self = (LockCore *)op;
     robust_state *st = lock_state(self);
-    if (st == NULL) {
-        return NULL;
-    }
     PyObject *lock = lock_enter(st, self);
     if (lock == NULL) {
         return NULL;
@@ -1345,7 +1343,7 @@ LockCore_leave_line(PyObject *op, PyObject *arg)
     LockCore *self = (LockCore *)op;
     robust_state *st = lock_state(self);
     int acquired = PyObject_IsTrue(arg);
-    if (st == NULL || acquired < 0) {
+    if (acquired < 0) {
         return NULL;
     }
     PyObject *lock = lock_enter(st, self);
@@ -1361,7 +1359,7 @@ LockCore_try_take(PyObject *op, PyObject *Py_UNUSED(ignored))
 {
     LockCore *self = (LockCore *)op;
     robust_state *st = lock_state(self);
-    int took = st == NULL ? -1 : try_take(st, self);
+    int took = try_take(st, self);
     return took < 0 ? NULL : PyBool_FromLong(took);
 }
 
@@ -1373,9 +1371,6 @@ LockCore_turn(PyObject *op, PyObject *Py_UNUSED(ring))
 {
     LockCore *self = (LockCore *)op;
     robust_state *st = lock_state(self);
-    if (st == NULL) {
-        return NULL;
-    }
     if (self->closed) {
         raise_returned(self, st->s_closed_error);
         return NULL;
@@ -1399,7 +1394,7 @@ LockCore_look(PyObject *op, PyObject *Py_UNUSED(ignored))
 {
     LockCore *self = (LockCore *)op;
     robust_state *st = lock_state(self);
-    int worth = st == NULL ? -1 : look(st, self);
+    int worth = look(st, self);
     return worth < 0 ? NULL : PyBool_FromLong(worth);
 }
 
@@ -1417,9 +1412,6 @@ LockCore_on_readable(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
     }
     LockCore *self = (LockCore *)op;
     robust_state *st = lock_state(self);
-    if (st == NULL) {
-        return NULL;
-    }
     int worth = look(st, self);
     if (worth <= 0) {
         return worth < 0 ? NULL : Py_NewRef(Py_None);
@@ -1437,7 +1429,7 @@ LockCore_give(PyObject *op, PyObject *arg)
     LockCore *self = (LockCore *)op;
     robust_state *st = lock_state(self);
     Py_ssize_t unit = PyLong_AsSsize_t(arg);
-    if (st == NULL || (unit == -1 && PyErr_Occurred())) {
+    if (unit == -1 && PyErr_Occurred()) {
         return NULL;
     }
     Shared *shared = lock_shared(st, self);
@@ -1475,7 +1467,7 @@ LockCore_ring_here(PyObject *op, PyObject *Py_UNUSED(ignored))
 {
     LockCore *self = (LockCore *)op;
     robust_state *st = lock_state(self);
-    return st == NULL || ring_here(st, self) < 0 ? NULL : Py_NewRef(Py_None);
+    return ring_here(st, self) < 0 ? NULL : Py_NewRef(Py_None);
 }
 
 static int
@@ -1547,9 +1539,6 @@ static int
 LockCore_set_shared(PyObject *op, PyObject *value, void *Py_UNUSED(closure))
 {
     robust_state *st = lock_state((LockCore *)op);
-    if (st == NULL) {
-        return -1;
-    }
     if (value == NULL || !Py_IS_TYPE(value, st->shared_type)) {
         PyErr_SetString(PyExc_TypeError, "_shared must be a Shared");
         return -1;
