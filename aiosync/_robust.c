@@ -1412,6 +1412,9 @@ LockCore_on_readable(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
     }
     LockCore *self = (LockCore *)op;
     robust_state *st = lock_state(self);
+    if (self->closed) { /* closed by another thread: its queue's close() fails them */
+        Py_RETURN_NONE;
+    }
     int worth = look(st, self);
     if (worth <= 0) {
         return worth < 0 ? NULL : Py_NewRef(Py_None);
