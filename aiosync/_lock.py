@@ -112,8 +112,8 @@ class _Robust(_robust.LockCore, Resource):
     Every event and turn of a hand-off is `_robust.LockCore`'s, in C: the loop's reader
     (``_on_readable``), a woken waiter's turn (``_turn``), taking (``_try_take``), the
     line's bookkeeping (``_queue_up``, ``_leave_line``), release's give (``_give``),
-    and waking our own waiters (``_look``, ``_ring_here``). This class keeps the rest:
-    the first use, joining the line, deaths, errors, sharing and closing.
+    and the look at our events (``_look``). This class keeps the rest: the first use,
+    joining the line, deaths, errors, sharing and closing.
     """
 
     _kind: ClassVar[str]
@@ -308,10 +308,11 @@ class _Robust(_robust.LockCore, Resource):
     # only if that waiter would find something (a ring that handed the lock to another
     # process, our own release's ring included, wakes nobody here).
     #
-    # _look() -> bool (drain our events; would a waiter of ours find something now)
-    # and _ring_here() (wake the next waiter of each loop and every blocked thread of
-    # ours: after a waiter woken for something gave up without looking, or after our
-    # own release rang and there is something for us) are LockCore's too.
+    # _look() -> bool (drain our events; would a waiter of ours find something now) is
+    # LockCore's too. So is waking the next waiter of each loop and every blocked
+    # thread of ours, after a waiter woken for something gave up without looking, or
+    # after our own release rang and there is something for us (in _leave_line and
+    # _give).
 
     # -- the line (lock held) ----------------------------------------------------------
 

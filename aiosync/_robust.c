@@ -1464,15 +1464,6 @@ LockCore_give(PyObject *op, PyObject *arg)
     return PyLong_FromLong(given);
 }
 
-/* _ring_here(): ring_here() (lock held). */
-static PyObject *
-LockCore_ring_here(PyObject *op, PyObject *Py_UNUSED(ignored))
-{
-    LockCore *self = (LockCore *)op;
-    robust_state *st = lock_state(self);
-    return ring_here(st, self) < 0 ? NULL : Py_NewRef(Py_None);
-}
-
 static int
 LockCore_traverse(PyObject *op, visitproc visit, void *arg)
 {
@@ -1627,7 +1618,6 @@ static PyMethodDef LockCore_methods[] = {
     {"_queue_up", LockCore_queue_up, METH_NOARGS, NULL},
     {"_leave_line", LockCore_leave_line, METH_O, NULL},
     {"_look", LockCore_look, METH_NOARGS, NULL},
-    {"_ring_here", LockCore_ring_here, METH_NOARGS, NULL},
     {"_give", LockCore_give, METH_O, NULL},
     {NULL, NULL, 0, NULL},
 };
