@@ -227,19 +227,20 @@ class _Robust(_robust.LockCore, Resource):
         if not self._in_line and self._try_take():
             return True
         # In line (the first of this process joins the shared line, then looks; later
-        # ones queue behind the waiters already there); on failure it has left it.
-        acquired = self._queue_up()
+        # ones queue behind the waiters already there); on failure it has left it. A
+        # take (here, or in a turn) leaves the line with the lock held for it.
+        if self._queue_up():
+            return True
         try:
-            if not acquired:
-                await self._waitq.wait_turn(None, self._turn)
-                acquired = True
-        finally:
-            self._leave_line(acquired)
+            await self._waitq.wait_turn(None, self._turn)
+        except BaseException:
+            self._leave_line(False)
+            raise
         return True
 
     # _turn(ring) -> bool is LockCore's: a woken waiter's turn (lock held). The loop's
     # reader drained the events that woke it: it takes if it can, and looks into a
-    # death among those events with _recover().
+    # death among those events with _recover(); if it took, it has left the line.
 
     def acquire_nowait(self) -> None:
         """Take it if that needs no wait (a Lock whose holder died is taken over).
@@ -281,7 +282,7 @@ class _Robust(_robust.LockCore, Resource):
             return True
         deadline = None if timeout is None else time.monotonic() + timeout
         queue = self._waitq
-        acquired = self._queue_up()
+        acquired = self._queue_up()  # a take leaves the line (here and in _turn)
         try:
             while not acquired:
                 with queue.lock:
@@ -298,7 +299,8 @@ class _Robust(_robust.LockCore, Resource):
                     raise TimeoutError(f"the {self._kind} acquire timed out")
                 queue.block((self._ino,), remaining)
         finally:
-            self._leave_line(acquired)
+            if not acquired:
+                self._leave_line(False)
             queue.unblock()
         return True
 
@@ -317,7 +319,8 @@ class _Robust(_robust.LockCore, Resource):
     # -- the line (lock held) ----------------------------------------------------------
 
     # _queue_up() -> bool (one more waiter of ours, in line; the first joins the shared
-    # line with _join_line(), then tries to take) and _leave_line(acquired) (one
+    # line with _join_line(), then tries to take, and if it took, it has left the
+    # line again, as _turn does) and _leave_line(acquired) (one
     # waiter fewer; the last leaves the shared line, an acquirer whose process still
     # has waiters goes to the back of it, a waiter that gives up passes on what it was
     # woken for) are LockCore's; each takes the lock itself.
