@@ -656,8 +656,9 @@ class Lock(_Robust):
         The holder repairs what the dead one left half done, then calls
         `mark_consistent()`.
         """
-        self._check_open()
-        return bool(self._shared.word(0) & _INCONSISTENT)
+        if self._closed:  # (read on every acquire by a careful holder: no call when open)
+            self._check_open()
+        return self._shared.word(0) & _INCONSISTENT != 0
 
     def mark_consistent(self) -> None:
         """Say that what the dead holder left is repaired (after an inconsistent acquire).
