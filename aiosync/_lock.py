@@ -66,8 +66,8 @@ leaver stores and looks in ``shared_leave()``; pair 3's recoverer stores in
 *In this process*, waiters follow the wait core's turns: a ring wakes the oldest
 waiter of each loop (FIFO); the loop's reader drains the inotify fd, and the woken
 task tries to take a unit with the queue's lock held, with no suspension point before
-it returns (so a cancelled waiter never holds the lock); if it finds nothing it waits
-again, first in line. Whoever in this process drains an event handles all it means (a
+it returns (so a cancelled waiter never holds the lock); if it took, it leaves the line
+in that same hold of the lock, and if it finds nothing it waits again, first in line. Whoever in this process drains an event handles all it means (a
 hand-off to us, a free unit, a death), so no other waiter of this process needs to
 see it. What runs on every hand-off -- the reader, the turn, the line's bookkeeping,
 release's give and the drain of its own ring -- is ``_robust.LockCore``, in C, the
