@@ -67,12 +67,12 @@ leaver stores and looks in ``shared_leave()``; pair 3's recoverer stores in
 waiter of each loop (FIFO); the loop's reader drains the inotify fd, and the woken
 task tries to take a unit with the queue's lock held, with no suspension point before
 it returns (so a cancelled waiter never holds the lock); if it took, it leaves the line
-in that same hold of the lock, and if it finds nothing it waits again, first in line. Whoever in this process drains an event handles all it means (a
-hand-off to us, a free unit, a death), so no other waiter of this process needs to
-see it. What runs on every hand-off -- the reader, the turn, the line's bookkeeping,
-release's give and the drain of its own ring -- is ``_robust.LockCore``, in C, the
-base class of `_Robust`; a death among the events sends the turn to the Python
-`_Robust._recover`.
+in that same hold of the lock, and if it finds nothing it waits again, first in line.
+Whoever in this process drains an event handles all it means (a hand-off to us, a
+free unit, a death), so no other waiter of this process needs to see it. What runs
+on every hand-off -- the reader, the turn, the line's bookkeeping, release's give and
+the drain of its own ring -- is ``_robust.LockCore``, in C, the base class of
+`_Robust`; a death among the events sends the turn to the Python `_Robust._recover`.
 """
 
 from __future__ import annotations
