@@ -66,13 +66,13 @@ leaver stores and looks in ``shared_leave()``; pair 3's recoverer stores in
 *In this process*, waiters follow the wait core's turns: a ring wakes the oldest
 waiter of each loop (FIFO); the loop's reader drains the inotify fd, and the woken
 task tries to take a unit with the queue's lock held, with no suspension point before
-it returns (so a cancelled waiter never holds the lock); if it finds nothing it waits
-again, first in line. Whoever in this process drains an event handles all it means (a
-hand-off to us, a free unit, a death), so no other waiter of this process needs to
-see it. What runs on every hand-off -- the reader, the turn, the line's bookkeeping,
-release's give and the drain of its own ring -- is ``_robust.LockCore``, in C, the
-base class of `_Robust`; a death among the events sends the turn to the Python
-`_Robust._recover`.
+it returns (so a cancelled waiter never holds the lock); if it took, it leaves the line
+in that same hold of the lock, and if it finds nothing it waits again, first in line.
+Whoever in this process drains an event handles all it means (a hand-off to us, a
+free unit, a death), so no other waiter of this process needs to see it. What runs
+on every hand-off -- the reader, the turn, the line's bookkeeping, release's give and
+the drain of its own ring -- is ``_robust.LockCore``, in C, the base class of
+`_Robust`; a death among the events sends the turn to the Python `_Robust._recover`.
 """
 
 from __future__ import annotations
@@ -227,19 +227,20 @@ class _Robust(_robust.LockCore, Resource):
         if not self._in_line and self._try_take():
             return True
         # In line (the first of this process joins the shared line, then looks; later
-        # ones queue behind the waiters already there); on failure it has left it.
-        acquired = self._queue_up()
+        # ones queue behind the waiters already there); on failure it has left it. A
+        # take (here, or in a turn) leaves the line with the lock held for it.
+        if self._queue_up():
+            return True
         try:
-            if not acquired:
-                await self._waitq.wait_turn(None, self._turn)
-                acquired = True
-        finally:
-            self._leave_line(acquired)
+            await self._waitq.wait_turn(None, self._turn)
+        except BaseException:
+            self._leave_line(False)
+            raise
         return True
 
     # _turn(ring) -> bool is LockCore's: a woken waiter's turn (lock held). The loop's
     # reader drained the events that woke it: it takes if it can, and looks into a
-    # death among those events with _recover().
+    # death among those events with _recover(); if it took, it has left the line.
 
     def acquire_nowait(self) -> None:
         """Take it if that needs no wait (a Lock whose holder died is taken over).
@@ -281,7 +282,7 @@ class _Robust(_robust.LockCore, Resource):
             return True
         deadline = None if timeout is None else time.monotonic() + timeout
         queue = self._waitq
-        acquired = self._queue_up()
+        acquired = self._queue_up()  # a take leaves the line (here and in _turn)
         try:
             while not acquired:
                 with queue.lock:
@@ -298,7 +299,8 @@ class _Robust(_robust.LockCore, Resource):
                     raise TimeoutError(f"the {self._kind} acquire timed out")
                 queue.block((self._ino,), remaining)
         finally:
-            self._leave_line(acquired)
+            if not acquired:
+                self._leave_line(False)
             queue.unblock()
         return True
 
@@ -317,7 +319,8 @@ class _Robust(_robust.LockCore, Resource):
     # -- the line (lock held) ----------------------------------------------------------
 
     # _queue_up() -> bool (one more waiter of ours, in line; the first joins the shared
-    # line with _join_line(), then tries to take) and _leave_line(acquired) (one
+    # line with _join_line(), then tries to take, and if it took, it has left the
+    # line again, as _turn does) and _leave_line(acquired) (one
     # waiter fewer; the last leaves the shared line, an acquirer whose process still
     # has waiters goes to the back of it, a waiter that gives up passes on what it was
     # woken for) are LockCore's; each takes the lock itself.
@@ -653,8 +656,9 @@ class Lock(_Robust):
         The holder repairs what the dead one left half done, then calls
         `mark_consistent()`.
         """
-        self._check_open()
-        return bool(self._shared.word(0) & _INCONSISTENT)
+        if self._closed:  # (read on every acquire by a careful holder: no call when open)
+            self._check_open()
+        return self._shared.word(0) & _INCONSISTENT != 0
 
     def mark_consistent(self) -> None:
         """Say that what the dead holder left is repaired (after an inconsistent acquire).

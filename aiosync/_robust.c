@@ -1304,8 +1304,8 @@ leave_line_failing(robust_state *st, LockCore *self)
  * tries to take: Dekker pair 1, the waiter's side -- join()'s stores put us in the
  * line, then shared_take() looks at the units, so a releaser either saw us in the line
  * (and rings) or released before this look. Later waiters queue behind the ones
- * already there, without looking. True if it took a unit (then it is still counted in
- * line: _leave_line(True) follows); on an error it has left the line. */
+ * already there, without looking. True if it took a unit (then it has left the line,
+ * as an acquirer: see leave_line()); on an error it has left the line too. */
 static PyObject *
 LockCore_queue_up(PyObject *op, PyObject *Py_UNUSED(ignored))
 {
@@ -1330,6 +1330,9 @@ LockCore_queue_up(PyObject *op, PyObject *Py_UNUSED(ignored))
             if (took < 0) {
                 leave_line_failing(st, self);
             }
+        }
+        if (took > 0 && leave_line(st, self, 1) < 0) {
+            PyErr_WriteUnraisable(op); /* it took: the caller holds it all the same */
         }
     }
     took = lock_exit(st, lock, took);
@@ -1365,7 +1368,9 @@ LockCore_try_take(PyObject *op, PyObject *Py_UNUSED(ignored))
 
 /* _turn(ring) -> bool: a woken waiter's turn (lock held). The loop's reader drained
  * the events that woke it (later ones make the fd readable again): see what they
- * meant, take if it can; a death among them sends it to the Python _recover. */
+ * meant, take if it can; a death among them sends it to the Python _recover. True if
+ * it took a unit: then it has left the line too, as an acquirer (leave_line(), under
+ * the lock it already holds: no second round of the lock after the wait). */
 static PyObject *
 LockCore_turn(PyObject *op, PyObject *Py_UNUSED(ring))
 {
@@ -1378,13 +1383,15 @@ LockCore_turn(PyObject *op, PyObject *Py_UNUSED(ring))
     int seen = self->seen;
     self->seen = 0;
     int took = try_take(st, self);
-    if (took != 0) {
-        return took < 0 ? NULL : Py_NewRef(Py_True);
+    if (took == 0 && seen & DEATH) {
+        PyObject *r = PyObject_CallMethodNoArgs(op, st->s_recover);
+        took = r == NULL ? -1 : PyObject_IsTrue(r);
+        Py_XDECREF(r);
     }
-    if (seen & DEATH) {
-        return PyObject_CallMethodNoArgs(op, st->s_recover);
+    if (took > 0 && leave_line(st, self, 1) < 0) {
+        PyErr_WriteUnraisable(op); /* it took: the caller holds it all the same */
     }
-    Py_RETURN_FALSE;
+    return took < 0 ? NULL : PyBool_FromLong(took);
 }
 
 /* _look() -> bool: drain our events; whether a waiter of ours would find something
