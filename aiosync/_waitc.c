@@ -85,6 +85,10 @@ typedef struct {
     PyTypeObject *gather_type;
     PyTypeObject *share_type;
     PyTypeObject *round_type;
+    /* Forks this process's interpreter has seen (in a child, _waitq calls _forked()):
+     * a wait or hold taken before the last fork is the parent's, and a child that ends
+     * it (its task inherited, then cancelled or dropped) gives nothing back. */
+    unsigned long forks;
     PyObject *get_running_loop; /* asyncio.get_running_loop */
     PyObject *deque;            /* collections.deque */
     /* Methods of asyncio.Future and collections.deque, called directly on objects of
@@ -136,6 +140,7 @@ typedef struct {
     PyObject *future;
     PyObject *cond;
     PyObject *slot; /* a LoopSlot */
+    unsigned long born; /* st->forks when it was parked */
     int state;
 } Waiter;
 
@@ -579,6 +584,10 @@ release(waitc_state *st, Waiter *w, PyObject *result)
 static void
 abandon(Waiter *w)
 {
+    if (w->born != w->st->forks) { /* parked by the parent: none of our counts */
+        w->state = ABANDONED;
+        return;
+    }
     LoopSlot *slot = slot_of(w);
     Core *queue = queue_of_slot(slot);
     if (w->state == PENDING) {
@@ -661,6 +670,7 @@ new_waiter(waitc_state *st, PyObject *future, PyObject *cond, PyObject *slot)
     w->future = Py_NewRef(future);
     w->cond = Py_NewRef(cond);
     w->slot = Py_NewRef(slot);
+    w->born = st->forks;
     w->state = PENDING;
     PyObject_GC_Track(w);
     return w;
@@ -3318,6 +3328,7 @@ typedef struct {
     Py_ssize_t n;
     Py_ssize_t parked; /* waiters parked and not sorted yet */
     Py_ssize_t held;   /* members 0 .. held - 1 are held */
+    unsigned long born; /* st->forks when it took its holds */
     char place;
     char first; /* abort_on_failure */
     char started;
@@ -3388,6 +3399,7 @@ round_start(Round *self)
             break;
         }
         self->held = i + 1;
+        self->born = st->forks;
         if (PyBool_Check(started)) { /* nothing to wait for */
             int outcome = outcome_of(b, started == Py_True);
             self->outcomes[i] = (signed char)outcome;
@@ -3446,6 +3458,9 @@ round_collect(Round *self)
 static int
 round_unhold(Round *self, Py_ssize_t i)
 {
+    if (self->born != self->st->forks) {
+        return 0; /* the parent's holds: a forked child's counts start at zero */
+    }
     Core *queue = waitq_of(round_member(self, i), self->st);
     if (queue == NULL) {
         return -1;
@@ -3840,6 +3855,7 @@ waitc_sync_round(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     self->outcomes = outcomes;
     self->n = n;
     self->parked = self->held = 0;
+    self->born = st->forks;
     self->place = (char)place;
     self->first = (char)first;
     self->started = self->over = 0;
@@ -3851,7 +3867,19 @@ waitc_sync_round(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
  * The module
  * --------------------------------------------------------------------------------- */
 
+/* _forked(): called in a forked child, before its queues forget the parent's state. */
+static PyObject *
+waitc_forked(PyObject *module, PyObject *Py_UNUSED(ignored))
+{
+    get_state(module)->forks += 1;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef waitc_functions[] = {
+    {"_forked", waitc_forked, METH_NOARGS,
+     "_forked() -> None\n--\n\n"
+     "In a forked child: every wait and group hold taken so far is the parent's (a child\n"
+     "that ends one gives nothing back to its queue's counts)."},
     {"dispatch", FASTCALL(waitc_dispatch), METH_FASTCALL,
      "dispatch(queue_ref, slot, fd) -> None\n--\n\n"
      "The reader callback of one (loop, fd) registration: if the primitive is alive and\n"

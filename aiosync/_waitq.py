@@ -73,7 +73,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol, TypeVar
 
-from . import _fd
+from . import _fd, _waitc
 from ._errors import ClosedResourceError
 from ._waitc import ABANDONED, PENDING, RELEASED, Core, LoopSlot, RLock, Waiter, dispatch
 
@@ -97,6 +97,7 @@ _queues: weakref.WeakSet[WaitQueue[Any, Any]] = weakref.WeakSet()
 
 
 def _forget_parent_loops() -> None:
+    _waitc._forked()  # waits and holds taken so far are the parent's
     for queue in list(_queues):
         queue._after_fork()
 

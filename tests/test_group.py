@@ -252,6 +252,32 @@ def test_a_forked_child_holds_nothing() -> None:
             queue.held = 0
 
 
+async def test_a_forked_child_that_ends_an_inherited_round_gives_nothing_back() -> None:
+    """A process forked while a round waits inherits the awaiting task; if the child
+    ends it (its coroutine closed), nothing is given back to the child's counts, which
+    started at zero: the round's holds and waiters are the parent's. The parent's
+    round goes on as if nothing happened."""
+    with BarrierGroup(2) as group:
+        async with children(group, "go-sync", "go-sync") as procs:
+            round_ = await assert_blocks(group.place_and_sync())
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child
+                code = 1
+                try:
+                    queues = [queue_of(member) for member in group]
+                    before = [(q.held, q.waiting) for q in queues]
+                    round_.get_coro().close()
+                    after = [(q.held, q.waiting) for q in queues]
+                    code = 0 if before == after == [(0, 0), (0, 0)] else 3
+                finally:
+                    os._exit(code)
+            _, status = await asyncio.to_thread(os.waitpid, pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0
+            for proc in procs:
+                await go(proc)
+            assert await soon(round_) == GroupResult(synced=pids(procs, 0, 1))
+
+
 # ---------------------------------------------------------------------------------------
 # Children that abort, exit or are killed
 # ---------------------------------------------------------------------------------------
