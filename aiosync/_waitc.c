@@ -3387,6 +3387,7 @@ round_start(Round *self)
     }
     PyObject *share = NULL; /* kept for the next member while no waiter took it */
     int rc = 0, failed = 0;
+    self->born = st->forks; /* the holds below are this process's */
     for (Py_ssize_t i = 0; i < self->n; i++) {
         if (share == NULL && (share = Gather_share(self->gather, NULL)) == NULL) {
             rc = -1;
@@ -3399,7 +3400,6 @@ round_start(Round *self)
             break;
         }
         self->held = i + 1;
-        self->born = st->forks;
         if (PyBool_Check(started)) { /* nothing to wait for */
             int outcome = outcome_of(b, started == Py_True);
             self->outcomes[i] = (signed char)outcome;

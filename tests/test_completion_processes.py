@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import Children, loop_kind, run_on, soon
+from support import Children, loop_kind, reap, run_on, soon
 
 import aiosync
 from aiosync import Completion
@@ -204,9 +204,7 @@ def test_multiprocessing_child_completes(method: str) -> None:
             process.join(30)
             assert process.exitcode == 0
         finally:
-            if process.exitcode is None:
-                process.kill()
-                process.join()
+            reap(process)
             process.close()
         assert not c.try_wait()
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import PYTHON, SOON, Children, assert_blocks, loop_kind, run_on, soon
+from support import PYTHON, SOON, Children, assert_blocks, loop_kind, reap, run_on, soon
 
 import aiosync
 from aiosync import Completion, Lock, Semaphore, WouldBlock
@@ -253,9 +253,7 @@ def test_mutual_exclusion_multiprocessing_spawn(
         assert not obj.locked()
     finally:
         for p in processes:
-            if p.exitcode is None:
-                p.kill()
-                p.join()
+            reap(p)
             p.close()
         obj.close()
         if tokens is not None:
@@ -620,9 +618,7 @@ def test_multiprocessing_process_args(method: str) -> None:
                 process.join(30)
                 assert process.exitcode == 0
             finally:
-                if process.exitcode is None:
-                    process.kill()
-                    process.join()
+                reap(process)
                 process.close()
             lock.release()
             sem.release()

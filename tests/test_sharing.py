@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import PYTHON, SOON, loop_kind, run_on, soon
+from support import PYTHON, SOON, loop_kind, reap, run_on, soon
 
 import aiosync
 from aiosync import Barrier, Role, SharingError
@@ -245,9 +245,7 @@ def test_multiprocessing_child(kind: str, method: str) -> None:
             run_on(kind, parent())
         finally:
             p.join(SOON)
-            if p.exitcode is None:  # pragma: no cover - only if the test failed
-                p.kill()
-                p.join()
+            reap(p)
         assert p.exitcode == 0
 
 

@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from support import PYTHON, SOON, is_open, loop_kind, run_on, soon
+from support import PYTHON, SOON, is_open, loop_kind, reap, run_on, soon
 
 import aiosync
 from aiosync import (
@@ -112,9 +112,7 @@ def refused_untouched(
 def join(p: Any) -> None:
     """Join a multiprocessing child; kill it if it is still running after SOON."""
     p.join(SOON)
-    if p.exitcode is None:  # pragma: no cover - only if the test failed
-        p.kill()
-        p.join()
+    reap(p)
 
 
 def close_all(objects: dict[str, object]) -> None:

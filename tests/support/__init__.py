@@ -147,6 +147,14 @@ async def exited(pid: int) -> None:
         os.close(pidfd)
 
 
+def reap(process: Any) -> None:
+    """Make sure a multiprocessing child is gone: killed if it still runs (after a
+    failed assertion), then joined."""
+    if process.exitcode is None:
+        process.kill()
+        process.join()
+
+
 def wait_gone(pids: Iterable[int], *, seconds: float = SOON) -> None:
     """Wait until every process in `pids` (children or not) has exited."""
     pidfds = []
